@@ -53,7 +53,8 @@ def _block_update(p, g, m, v, vmax, *, block, step_size, inv_sqrt_bc2, decay, hp
 
 def _foam_param_(p, g, m, v, vmax, step, level, *, lr, hp, scale):
     beta1, beta2, eps, wd, decoupled, amsgrad, maximize, res_scale = hp
-    step_size, inv_sqrt_bc2 = _scalars(step, lr, beta1, beta2, scale)
+    # alpha scales folded parameters only: at level 0 FOAM is AdamW exactly (ALGORITHM.md).
+    step_size, inv_sqrt_bc2 = _scalars(step, lr, beta1, beta2, scale if level > 0 else 1.0)
     decay = 1 - lr * wd if decoupled else 1.0
     kw = dict(step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2, decay=decay, hp=hp)
     if level == 0:
@@ -131,7 +132,7 @@ def foam_adam_(
 
     ``levels[i]`` is the level parameter ``i`` runs at (its state is already in that folded
     shape). Hyperparameters follow ``torch.optim.AdamW``; ``scale`` and ``res_scale`` are FOAM's
-    alpha and rho.
+    alpha and rho, and ``scale`` applies to folded parameters (level >= 1) only.
     """
     hp = (beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, res_scale)
     for step in state_steps:

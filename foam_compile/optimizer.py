@@ -28,6 +28,11 @@ FOAM_DEFAULTS = {"level": 2, "scale": 1.0, "res_scale": 1.0}
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def state_dtype(p: Tensor) -> torch.dtype:
+    """float32 moments whatever the parameter dtype; float64 parameters keep float64."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _describe(p: Tensor, gi: int, pi: int) -> str:
     return f"parameter {pi} of param group {gi} (shape {list(p.shape)}, dtype {p.dtype})"
 
@@ -87,7 +92,8 @@ class FOAM(torch.optim.Optimizer):
 
     - ``level``: fold level ``l``; blocks of ``2**l`` consecutive elements along the last dim
       (0 = AdamW exactly; 0-d and 1-d parameters always run at level 0).
-    - ``scale``: FOAM's alpha, multiplies the step of this group.
+    - ``scale``: FOAM's alpha, multiplies the step of this group's folded parameters (level 0
+      parameters take AdamW's step unscaled, as in the paper's recipe).
     - ``res_scale``: FOAM's rho, weight of the current gradient's residual.
     - ``decoupled_weight_decay``: ``True`` for AdamW's decoupled decay, ``False`` for Adam's
       coupled L2 decay (``g += weight_decay * p``), as in ``torch.optim.Adam``.
@@ -131,14 +137,10 @@ class FOAM(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------------- state
-    @staticmethod
-    def _state_dtype(p: Tensor) -> torch.dtype:
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
-
     def _new_state(self, p: Tensor, group: dict, level: int | None = None) -> dict:
         level = effective_level(p.shape, _group_level(group) if level is None else level)
         shape = folded_shape(p.shape, level)
-        dtype = self._state_dtype(p)
+        dtype = state_dtype(p)
         step_device = p.device if group.get("capturable") or group.get("fused") else "cpu"
         state = {
             "step": torch.tensor(0.0, dtype=torch.float32, device=step_device),
@@ -259,7 +261,7 @@ class FOAM(torch.optim.Optimizer):
         # torch casts floating state to the parameter dtype; FOAM keeps its float32 state.
         for p, st in self.state.items():
             for key, value in moments.get(p, {}).items():
-                st[key] = value.to(device=p.device, dtype=self._state_dtype(p))
+                st[key] = value.to(device=p.device, dtype=state_dtype(p))
 
 
 def _group_level(group: dict) -> int:
@@ -322,7 +324,7 @@ def _prepare_state_dict(opt: torch.optim.Optimizer, state_dict: dict) -> tuple[d
                     + (f" (folded at level {level})" if not convert else " (a stock AdamW moment)")
                     + ". Was the checkpoint saved for a different model or fold level?"
                 )
-            folded[key] = fold(value.to(FOAM._state_dtype(p)), level).contiguous() if convert else value
+            folded[key] = fold(value.to(state_dtype(p)), level).contiguous() if convert else value
         if convert:
             st["foam_level"] = level
             if "step" in st and not isinstance(st["step"], Tensor):

@@ -109,6 +109,8 @@ def reference_step(
         state["max_exp_avg_sq"].copy_(v_use)
     m_full = unfold(m_f, level, n) + res_scale * r
     v_full = unfold(v_use, level, n) + res_scale**2 * r * r
+    if level == 0:
+        scale = 1.0  # alpha scales folded parameters only; level 0 is AdamW exactly
     bc1 = 1 - beta1**t
     bc2 = 1 - beta2**t
     w = w - (lr * scale / bc1) * m_full / (v_full.sqrt() / math.sqrt(bc2) + eps)

