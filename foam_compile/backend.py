@@ -47,9 +47,9 @@ class FoamBackend:
     def __init__(
         self,
         *,
-        level: int | str = 2,
-        scale: float = 1.0,
-        res_scale: float = 1.0,
+        level: int | str | None = None,
+        scale: float | None = None,
+        res_scale: float | None = None,
         levels: Mapping[str | Tensor, int] | None = None,
         model: nn.Module | None = None,
         keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
@@ -177,6 +177,7 @@ def _make_lrs_tensors() -> None:
         _TENSOR_LR_PENDING.discard(opt)
 
 
+@torch.compiler.disable  # runs inside Dynamo's callback lock: Dynamo must not trace it
 def on_compile_start(*_args) -> None:
     _make_lrs_tensors()
     convert_stock_optimizers_holding_folded_state()
@@ -189,8 +190,7 @@ def convert_stock_optimizers_holding_folded_state() -> list[torch.optim.Optimize
             continue
         if any("foam_level" in st for st in opt.state.values()):
             levels = {p: st["foam_level"] for p, st in opt.state.items() if "foam_level" in st}
-            group_level = max(levels.values(), default=0)
-            convert(opt, level=group_level, levels=levels)
+            convert(opt, levels=levels)  # group options come from the loaded param groups
             log.warning(
                 "foam: %s held FOAM's folded state (a FOAM checkpoint loaded into a stock "
                 "optimizer); converted it to FOAM before tracing.", type(opt).__name__,

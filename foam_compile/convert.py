@@ -56,9 +56,9 @@ def is_converted(opt: torch.optim.Optimizer) -> bool:
 def convert(
     optimizer: torch.optim.Optimizer,
     *,
-    level: int = 2,
-    scale: float = 1.0,
-    res_scale: float = 1.0,
+    level: int | None = None,
+    scale: float | None = None,
+    res_scale: float | None = None,
     levels: Mapping[str | Tensor, int] | None = None,
     model: nn.Module | None = None,
     keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
@@ -66,7 +66,7 @@ def convert(
 ) -> torch.optim.Optimizer:
     """Convert a ``torch.optim.AdamW`` or ``Adam`` into FOAM in place, and return it.
 
-    Parameters fold at ``level`` except embeddings, the output head, norms (names matching
+    Parameters fold at ``level`` (default 2) except embeddings, the output head, norms (names matching
     ``keep_unfolded``) and 0-d/1-d parameters, which stay at level 0 (plain Adam); ``levels``
     overrides per parameter name or tensor. ``scale`` (alpha) applies to folded parameters.
     Existing moments are folded (a checkpointed run continues); ``fused=True`` and ``foreach``
@@ -86,12 +86,20 @@ def convert(
             "torch.optim.AdamW; FOAM folds Adam's two moments. For new code use "
             "foam_compile.FOAM(params, ...)."
         )
-    options = {"level": level, "scale": scale, "res_scale": res_scale}
-    for group in optimizer.param_groups:
+    given = {"level": level, "scale": scale, "res_scale": res_scale}
+    group_options = [
+        {k: v if v is not None else g.get(k, FOAM_DEFAULTS[k]) for k, v in given.items()}
+        for g in optimizer.param_groups
+    ]
+    for group, options in zip(optimizer.param_groups, group_options):
         check_hyperparameters({**group, **options}, where="foam_compile.convert")
     check_params(optimizer.param_groups)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    chosen = choose_levels(params, level, model=model, levels=levels, keep_unfolded=keep_unfolded)
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    chosen = choose_levels(
+        params, lambda p: group_options[group_of[id(p)]]["level"],
+        model=model, levels=levels, keep_unfolded=keep_unfolded,
+    )
     decoupled = isinstance(optimizer, torch.optim.AdamW)
 
     # Build every new state first: a bad moment raises before the optimizer changes.
@@ -101,7 +109,8 @@ def convert(
             new_states[p] = _folded_state(optimizer, p, group, chosen[id(p)], gi, pi)
 
     optimizer.__class__ = foam_class_for(type(optimizer))
-    for group in [*optimizer.param_groups, optimizer.defaults]:
+    defaults = {k: v if v is not None else FOAM_DEFAULTS[k] for k, v in given.items()}
+    for group, options in zip([*optimizer.param_groups, optimizer.defaults], [*group_options, defaults]):
         group.update(options)
         group["decoupled_weight_decay"] = decoupled or bool(group.get("decoupled_weight_decay"))
         group["fused"] = False  # FOAM's step replaces the fused kernel; keeps load casts right

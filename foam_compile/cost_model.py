@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import sympy as sp
 import torch
@@ -54,7 +54,7 @@ WHITE_NOISE_ERROR = 1 - BLOCKS / N
 _SYMBOLS = (ROWS, N, LEVEL, PARAM_SIZE, GRAD_SIZE, STATE_SIZE, MOMENTS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled(name: str):
     # lambdify: evaluating sympy with subs() costs ~100 us; the planner evaluates thousands.
     # 2**-level is a power of two, so ceil(n * 2**-level) is exact in float for n < 2**53.

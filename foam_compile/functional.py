@@ -108,6 +108,7 @@ def _use_triton(tensors: list[Tensor]) -> bool:
     return kernels.available()
 
 
+@torch.no_grad()
 def foam_adam_(
     params: list[Tensor],
     grads: list[Tensor],

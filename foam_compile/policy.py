@@ -8,7 +8,7 @@ fold"). Names come from the model when given, else from the live modules that ow
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import Tensor, nn
 
@@ -23,13 +23,17 @@ KEEP_UNFOLDED = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"(^|\.)head(\.|$
 
 def choose_levels(
     params: Iterable[Tensor],
-    level: int,
+    level: int | Callable[[Tensor], int],
     *,
     model: nn.Module | None = None,
     levels: Mapping[str | Tensor, int] | None = None,
     keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
 ) -> dict[int, int]:
-    """``id(param) -> level``: explicit ``levels`` (by name or tensor) first, then the policy."""
+    """``id(param) -> level``: explicit ``levels`` (by name or tensor) first, then the policy.
+
+    ``level`` is the level of the parameters the policy folds, or a function of the parameter.
+    """
+    level_of = level if callable(level) else (lambda _p: level)
     params = list(params)
     names = parameter_names(params, model)
     embeddings = embedding_params(params, model)
@@ -47,5 +51,5 @@ def choose_levels(
         elif id(p) in embeddings or any(r.search(name) for r in patterns):
             chosen[id(p)] = 0
         else:
-            chosen[id(p)] = effective_level(p.shape, level)
+            chosen[id(p)] = effective_level(p.shape, level_of(p))
     return chosen

@@ -137,6 +137,7 @@ def find_adam_updates(
                 ):
                     nodes.add(node)
                     changed = True
+        nodes = {n for n in nodes if n.op in ("call_function", "call_method", "call_module")}
         tensor_nodes = {i: by_id[i] for i in roles if i in by_id}
         with_grad = [
             p for g in opt.param_groups for p in g["params"]

@@ -1,0 +1,31 @@
+"""Small shared builders for the compiled-path tests (no test logic here)."""
+
+import torch
+from torch import nn
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """Two linears; the first weight's last dim (10) is not a multiple of 4: a partial block."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 6))
+
+
+def batches(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 10, generator=g), torch.randint(0, 6, (16,), generator=g)) for _ in range(n)]
+
+
+def loss_fn(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def set_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, x, y).backward()
+
+
+def max_rel_diff(a_params, b_params) -> float:
+    return max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        for a, b in zip(a_params, b_params)
+    )
