@@ -66,6 +66,7 @@ class FoamBackend:
         self.inner = inner
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        _install_compile_start_hook()  # torch._dynamo.reset() clears it
         tensors = list(graph_tensors(gm, example_inputs).values())
         if self.optimizers is not None:
             ids = {id(t) for t in tensors}
@@ -74,9 +75,10 @@ class FoamBackend:
             found = optimizers_owning(tensors)
         self._check(found)
         rewritten = fold_adam_states(gm, example_inputs, found, **self.convert_options)
+        if rewritten and self.tensor_lr:
+            _TENSOR_LR_PENDING.update(rewritten)
+            _convert_lrs_when_this_compile_ends()
         for opt in rewritten:
-            if self.tensor_lr:
-                _TENSOR_LR_PENDING.add(opt)
             log.info("foam: converted %s to FOAM\n%s", type(opt).__name__, _explain(opt))
         return self._inner(gm, example_inputs)
 
@@ -164,8 +166,8 @@ def foam_backend(gm: fx.GraphModule, example_inputs):
 
 # Dynamo builds the guards of a graph from the live objects *after* the backend returns, so the
 # backend must not turn a float lr into a tensor while it compiles (a float guard would meet a
-# tensor). It does so at the start of the next compile instead: that compile traces a tensor lr,
-# and from then on a scheduler's in-place update of the tensor recompiles nothing.
+# tensor). It does so when the compile ends: the next call fails the lr guard once and traces a
+# tensor lr, and from then on a scheduler's in-place update of the tensor recompiles nothing.
 _TENSOR_LR_PENDING: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -179,7 +181,6 @@ def _make_lrs_tensors() -> None:
 
 @torch.compiler.disable  # runs inside Dynamo's callback lock: Dynamo must not trace it
 def on_compile_start(*_args) -> None:
-    _make_lrs_tensors()
     convert_stock_optimizers_holding_folded_state()
 
 
@@ -201,10 +202,23 @@ def convert_stock_optimizers_holding_folded_state() -> list[torch.optim.Optimize
 
 def _install_compile_start_hook() -> None:
     try:
-        from torch._dynamo.callback import on_compile_start
+        from torch._dynamo.callback import callback_handler
     except ImportError:  # pragma: no cover - older torch: the unchanged-script rescue is off
         return
-    on_compile_start(globals()["on_compile_start"])
+    if on_compile_start not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(on_compile_start)
+
+
+def _convert_lrs_when_this_compile_ends() -> None:
+    from torch._dynamo.callback import callback_handler
+
+    @torch.compiler.disable
+    def once(*_args):
+        _make_lrs_tensors()
+        if once in callback_handler.end_callbacks:
+            callback_handler.end_callbacks.remove(once)
+
+    callback_handler.register_end_callback(once)
 
 
 _install_compile_start_hook()

@@ -101,11 +101,13 @@ def _foam_param_(p, g, m, v, vmax, step, level, *, lr, hp, scale):
 
 
 def _use_triton(tensors: list[Tensor]) -> bool:
-    if not tensors or not tensors[0].is_cuda or torch.compiler.is_compiling():
+    """CUDA tensors go to the fused Triton kernel (its op falls back per tensor where the kernel
+    does not apply: float64, non-contiguous, very deep levels)."""
+    if not tensors or not tensors[0].is_cuda:
         return False
     from . import kernels
 
-    return kernels.available()
+    return kernels.HAS_TRITON
 
 
 @torch.no_grad()
@@ -139,13 +141,12 @@ def foam_adam_(
     for step in state_steps:
         step += 1
     if _use_triton(params):
-        from . import kernels
-
-        kernels.foam_adam_grouped_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
-            state_steps, levels, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            amsgrad=amsgrad, maximize=maximize, scale=scale, res_scale=res_scale,
+        lr_tensor = lr if isinstance(lr, Tensor) else None
+        torch.ops.foam.adam_step_grouped_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+            state_steps, levels, float(lr) if lr_tensor is None else 0.0, lr_tensor,
+            beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+            scale, res_scale,
         )
         return
     for i, p in enumerate(params):

@@ -11,8 +11,14 @@ def tiny_model(seed: int = 0) -> nn.Module:
 
 
 def batches(n: int, seed: int = 1):
+    """Inputs with learnable labels (a fixed random linear teacher), so a loss can fall."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 10, generator=g), torch.randint(0, 6, (16,), generator=g)) for _ in range(n)]
+    teacher = torch.randn(10, 6, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, 10, generator=g)
+        out.append((x, (x @ teacher).argmax(-1)))
+    return out
 
 
 def loss_fn(model, x, y):
