@@ -1,6 +1,6 @@
 """foam-compile: FOAM (folded Adam moments, arXiv 2512.07112) as an optimizer and a compiler feature."""
 
-from .backend import backend
+from .dynamo_backend import backend
 from .convert import convert, explain, export_adamw_state_dict, is_converted
 from .optimizer import FOAM
 from .reference import fold, folded_shape, reference_step, unfold

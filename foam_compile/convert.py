@@ -24,6 +24,7 @@ from .optimizer import (
     FOAM,
     FOAM_DEFAULTS,
     check_hyperparameters,
+    _check_autotune,
     check_params,
     state_dtype,
 )
@@ -63,6 +64,9 @@ def convert(
     model: nn.Module | None = None,
     keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
     tensor_lr: bool = False,
+    budget: float | None = None,
+    max_error: float | None = None,
+    calibration_steps: int = 8,
 ) -> torch.optim.Optimizer:
     """Convert a ``torch.optim.AdamW`` or ``Adam`` into FOAM in place, and return it.
 
@@ -70,7 +74,9 @@ def convert(
     ``keep_unfolded``) and 0-d/1-d parameters, which stay at level 0 (plain Adam); ``levels``
     overrides per parameter name or tensor. ``scale`` (alpha) applies to folded parameters.
     Existing moments are folded (a checkpointed run continues); ``fused=True`` and ``foreach``
-    optimizers convert too, since FOAM's own step replaces theirs. ``tensor_lr=True`` turns float
+    optimizers convert too, since FOAM's own step replaces theirs. ``level="auto"`` calibrates
+    on the next ``calibration_steps`` real steps (run as AdamW) and then folds each parameter at
+    the level the planner picks under ``budget`` and/or ``max_error`` (see :class:`FOAM`). ``tensor_lr=True`` turns float
     learning rates into 0-d tensors, so that a scheduler does not recompile a compiled step.
 
     One line to resume a FOAM checkpoint into a script that builds a stock AdamW::
@@ -97,7 +103,7 @@ def convert(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     chosen = choose_levels(
-        params, lambda p: group_options[group_of[id(p)]]["level"],
+        params, lambda p: _int_level(group_options[group_of[id(p)]]["level"]),
         model=model, levels=levels, keep_unfolded=keep_unfolded,
     )
     decoupled = isinstance(optimizer, torch.optim.AdamW)
@@ -118,9 +124,18 @@ def convert(
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
     for p, state in new_states.items():
         optimizer.state[p] = state
+    optimizer.autotune = dict(
+        budget=budget, max_error=max_error, steps=calibration_steps, model=model,
+        keep_unfolded=keep_unfolded,
+    )
+    _check_autotune(optimizer)
     _rebind_scheduler_wrapper(optimizer)
     optimizer._patch_step_function()  # step hooks run for the new class too
     return optimizer
+
+
+def _int_level(level) -> int:
+    return 0 if level == "auto" else level  # 'auto' runs as AdamW until calibrated
 
 
 def _folded_state(opt, p: Tensor, group: dict, level: int, gi: int, pi: int) -> dict:

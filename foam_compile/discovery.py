@@ -83,10 +83,13 @@ def embedding_params(params: Iterable[Tensor], model: nn.Module | None = None) -
 
 def _root_modules(wanted: set[int]) -> list[nn.Module]:
     """Modules holding any wanted parameter that are no other module's child."""
-    # Dynamo's graph modules hold parameters under generated names: not a user's model.
+    # Dynamo's graph modules (and its fake root module) hold parameters under generated names:
+    # they are not a user's model.
     modules = [
         o for o in gc.get_objects()
-        if issubclass(type(o), nn.Module) and not issubclass(type(o), torch.fx.GraphModule)
+        if issubclass(type(o), nn.Module)
+        and not issubclass(type(o), torch.fx.GraphModule)
+        and not type(o).__module__.startswith(("torch._dynamo", "torch.fx"))
     ]
     children = {id(c) for m in modules for c in m.children()}
     return [

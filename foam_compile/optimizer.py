@@ -11,6 +11,7 @@ with FOAM's defaults for the keys a stock optimizer lacks.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -23,9 +24,12 @@ from .reference import effective_level, fold, folded_shape
 
 __all__ = ["FOAM", "FOAM_DEFAULTS"]
 
+log = logging.getLogger("foam_compile")
+
 # Keys FOAM adds to a param group, with the values a converted stock optimizer gets.
 FOAM_DEFAULTS = {"level": 2, "scale": 1.0, "res_scale": 1.0}
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+FOAM_AUTOTUNE = {"budget": None, "max_error": None, "steps": 8, "model": None, "keep_unfolded": None}
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
@@ -99,6 +103,12 @@ class FOAM(torch.optim.Optimizer):
       coupled L2 decay (``g += weight_decay * p``), as in ``torch.optim.Adam``.
 
     State is float32 whatever the parameter dtype (float64 parameters keep float64 state).
+
+    ``level="auto"`` picks a level per parameter from real gradients: the first
+    ``calibration_steps`` steps run at level 0 (exactly AdamW) while the residual energy of each
+    candidate level is measured, then :func:`foam_compile.plan` chooses levels under ``budget``
+    (state as a fraction of AdamW's) and/or ``max_error``, the moments are folded, and the plan's
+    report is logged once (logger ``foam_compile``; the plan is kept in ``optimizer.foam_plan``).
     """
 
     def __init__(
@@ -116,6 +126,9 @@ class FOAM(torch.optim.Optimizer):
         maximize: bool = False,
         decoupled_weight_decay: bool = True,
         capturable: bool = False,
+        budget: float | None = None,
+        max_error: float | None = None,
+        calibration_steps: int = 8,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, level=level, scale=scale,
@@ -124,6 +137,8 @@ class FOAM(torch.optim.Optimizer):
         )
         check_hyperparameters(defaults)
         super().__init__(params, defaults)
+        self.autotune = dict(FOAM_AUTOTUNE, budget=budget, max_error=max_error, steps=calibration_steps)
+        _check_autotune(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
@@ -200,6 +215,8 @@ class FOAM(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "_foam_calibrating", False):
+            self._calibrate()
         batches = []
         for group in self.param_groups:
             lists: tuple[list, ...] = ([], [], [], [], [], [], [])
@@ -219,6 +236,23 @@ class FOAM(torch.optim.Optimizer):
                 res_scale=group.get("res_scale", FOAM_DEFAULTS["res_scale"]),
             )
         return loss
+
+    # ------------------------------------------------------------------------ levels
+    @torch.compiler.disable  # Python bookkeeping on the side of the compiled step
+    def _calibrate(self) -> None:
+        """``level='auto'``: feed this step's gradients to the tuner; fold once it has a plan."""
+        tuner = getattr(self, "_foam_tuner", None)
+        if tuner is None:
+            tuner = self._foam_tuner = _make_tuner(self)
+        plan = tuner.observe()
+        if plan is not None:
+            self.set_levels(plan.levels_by_param())
+            self.foam_plan = plan
+            self._foam_calibrating = False
+            for group in self.param_groups:  # saved with the checkpoint: resuming won't re-plan
+                if group.get("level") == "auto":
+                    group["auto_planned"] = True
+            log.info("foam: level='auto' plan after %d steps\n%s", tuner.seen, plan.report())
 
     # ------------------------------------------------------------------------ levels
     @torch.no_grad()
@@ -262,6 +296,39 @@ class FOAM(torch.optim.Optimizer):
         for p, st in self.state.items():
             for key, value in moments.get(p, {}).items():
                 st[key] = value.to(device=p.device, dtype=state_dtype(p))
+        if not hasattr(self, "autotune"):
+            self.autotune = dict(FOAM_AUTOTUNE)
+        _check_autotune(self)
+
+
+def _check_autotune(opt) -> None:
+    """Arm the calibration of ``level='auto'`` groups (also used by ``convert``)."""
+    auto = any(g.get("level") == "auto" and not g.get("auto_planned") for g in opt.param_groups)
+    if auto and opt.autotune.get("budget") is None and opt.autotune.get("max_error") is None:
+        raise ValueError(
+            "FOAM: level='auto' needs budget= (optimizer state as a fraction of AdamW's, e.g. "
+            "0.3) and/or max_error= (e.g. 0.5); or give an int level."
+        )
+    if auto and int(opt.autotune.get("steps", 8)) < 1:
+        raise ValueError("FOAM: calibration_steps must be >= 1 for level='auto'")
+    opt._foam_calibrating = auto
+
+
+def _make_tuner(opt):
+    from .discovery import parameter_names
+    from .planner import AutoTuner
+
+    from .discovery import embedding_params
+
+    params = [p for g in opt.param_groups if g.get("level") == "auto" for p in g["params"]]
+    names = parameter_names(params, opt.autotune.get("model"))
+    embeddings = embedding_params(params, opt.autotune.get("model"))
+    named = [(names.get(id(p)) or f"param{i}", p) for i, p in enumerate(params)]
+    kw = {k: opt.autotune[k] for k in ("budget", "max_error") if opt.autotune.get(k) is not None}
+    kw["keep"] = [p for p in params if id(p) in embeddings]
+    if opt.autotune.get("keep_unfolded") is not None:
+        kw["keep_unfolded"] = opt.autotune["keep_unfolded"]
+    return AutoTuner(named, steps=int(opt.autotune.get("steps", 8)), model=opt.autotune.get("model"), **kw)
 
 
 def _group_level(group: dict) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from .cost_model import ErrorMeter, cost, max_useful_level, white_noise_error
+from .policy import KEEP_UNFOLDED  # the paper's recipe: embeddings, the output head, norms
 
 __all__ = [
     "DEFAULT_LEVELS", "KEEP_UNFOLDED", "keeps_module", "Plan", "PlanEntry", "plan",
@@ -30,12 +31,6 @@ __all__ = [
 ]
 
 DEFAULT_LEVELS = range(0, 9)
-# Name patterns kept at level 0 (re.search on every name of the tensor); the same list as
-# policy.KEEP_UNFOLDED, the paper's recipe: embeddings, the output head, norms.
-KEEP_UNFOLDED = (
-    r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"(^|\.)head(\.|$)", r"(^|\.)output(\.|$)",
-    r"norm",
-)
 
 
 def keeps_module(module: nn.Module) -> bool:

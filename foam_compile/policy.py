@@ -18,7 +18,9 @@ from .reference import effective_level
 __all__ = ["KEEP_UNFOLDED", "choose_levels"]
 
 # Name patterns kept at level 0 by default (matched with re.search on the qualified name).
-KEEP_UNFOLDED = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"(^|\.)head(\.|$)", r"(^|\.)output(\.|$)", r"norm")
+# A top-level ``output``/``head`` is an output projection (Meta LLaMA, ViT); a nested one (BERT's
+# ``attention.output.dense``) is an ordinary weight that folds.
+KEEP_UNFOLDED = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"^head\.", r"^output\.", r"norm")
 
 
 def choose_levels(

@@ -56,10 +56,14 @@ class FoamBackend:
         tensor_lr: bool = True,
         optimizers: Iterable[torch.optim.Optimizer] | None = None,
         inner=None,
+        budget: float | None = None,
+        max_error: float | None = None,
+        calibration_steps: int = 8,
     ):
         self.convert_options = dict(
             level=level, scale=scale, res_scale=res_scale, levels=levels, model=model,
-            keep_unfolded=keep_unfolded,
+            keep_unfolded=keep_unfolded, budget=budget, max_error=max_error,
+            calibration_steps=calibration_steps,
         )
         self.tensor_lr = tensor_lr
         self.optimizers = list(optimizers) if optimizers is not None else None
@@ -144,7 +148,9 @@ def backend(**options) -> FoamBackend:
     owning modules are found), ``keep_unfolded`` (name patterns left at level 0; the paper's
     embeddings/head/norms by default), ``tensor_lr`` (default True: float lrs become tensors so
     schedulers do not recompile), ``optimizers`` (restrict to these), ``inner`` (the compiler for
-    the rewritten graph, Inductor by default).
+    the rewritten graph, Inductor by default); ``level="auto"`` with ``budget`` and/or
+    ``max_error`` (and ``calibration_steps``) picks each parameter's level from the first real
+    gradients (see :class:`foam_compile.FOAM`).
 
         step = torch.compile(step, backend=foam_compile.backend(level=2, scale=0.25))
     """
