@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the main demo: a LLaMA-style model on Shakespeare, AdamW vs FOAM (CPU, ~10 min).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh examples
+. .venv/bin/activate
+python examples/train_llama.py "$@"
