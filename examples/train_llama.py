@@ -271,7 +271,7 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
 
     gen = torch.Generator().manual_seed(args.seed)  # same batches for both runs
     eval_every = max(1, args.steps // args.evals)
-    curve, train_losses = [], []
+    curve, train_losses = [[0, evaluate(model, val_batches)]], []
     timed_tokens, timed_s = 0, 0.0
     start = time.perf_counter()
     bar = tqdm(range(1, args.steps + 1), desc=f"{name:>5}", unit="step", dynamic_ncols=True)

@@ -16,18 +16,15 @@ magic number.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 F64 = torch.float64
 
-# Unit roundoff (half the machine epsilon) of each dtype a test runs in.
-EPS32 = torch.finfo(torch.float32).eps
-EPSBF16 = torch.finfo(torch.bfloat16).eps
-
 
 def unit_roundoff(dtype: torch.dtype) -> float:
+    """Largest relative error of one round-to-nearest in ``dtype`` (half its machine epsilon)."""
     return torch.finfo(dtype).eps / 2
 
 
@@ -90,51 +87,85 @@ class Hyper:
     def foam_kwargs(self) -> dict:
         """Keyword arguments for ``foam_compile.FOAM`` (everything but ``level``)."""
         return dict(
-            lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
-            amsgrad=self.amsgrad, maximize=self.maximize,
-            decoupled_weight_decay=self.decoupled_weight_decay, scale=self.scale,
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            amsgrad=self.amsgrad,
+            maximize=self.maximize,
+            decoupled_weight_decay=self.decoupled_weight_decay,
+            scale=self.scale,
             res_scale=self.res_scale,
         )
 
     def reference_kwargs(self) -> dict:
         """Keyword arguments for ``foam_compile.reference.reference_step`` (but ``level``)."""
         return dict(
-            lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-            weight_decay=self.weight_decay, amsgrad=self.amsgrad, maximize=self.maximize,
-            decoupled_weight_decay=self.decoupled_weight_decay, scale=self.scale,
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            amsgrad=self.amsgrad,
+            maximize=self.maximize,
+            decoupled_weight_decay=self.decoupled_weight_decay,
+            scale=self.scale,
             res_scale=self.res_scale,
         )
 
 
 @dataclass
 class ParamModel:
-    """One parameter and its FOAM state, all float64."""
+    """One parameter and its FOAM state, all float64, plus error bookkeeping for tolerances.
+
+    The bookkeeping (not part of the algorithm) is what the tolerance helpers below need:
+    ``abs_p_sum`` = sum over steps of ``max(|p_old|, |p_new|)`` per element, ``update_sum`` = sum
+    over steps of the largest ``|p_new - p_old|``, ``m_scale`` / ``v_scale`` = sums over steps of
+    the sizes each moment update rounds against, per block: ``|m| + (1 - b1) * fold(|g|)`` and
+    ``v + (1 - b2) * fold(g**2)`` (g after maximize and coupled decay).
+    """
 
     p: torch.Tensor
     level: int
+    m: torch.Tensor
+    v: torch.Tensor
+    vmax: torch.Tensor
     t: int = 0
-    m: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    vmax: torch.Tensor | None = None
-    last_update: float = 0.0  # max |p_new - p_old| of the last step
-    max_abs_p: float = field(default=0.0)
+    abs_p_sum: torch.Tensor | None = None
+    update_sum: float = 0.0
+    m_scale: torch.Tensor | float = 0.0
+    v_scale: torch.Tensor | float = 0.0
 
     @classmethod
     def create(cls, p: torch.Tensor, level: int) -> ParamModel:
         p64 = p.detach().to(F64).clone()
         lvl = model_level(p64.shape, level)
         shape = model_folded_shape(p64.shape, lvl)
+        zeros = lambda: torch.zeros(shape, dtype=F64)  # noqa: E731
         return cls(
-            p=p64, level=lvl, m=torch.zeros(shape, dtype=F64), v=torch.zeros(shape, dtype=F64),
-            vmax=torch.zeros(shape, dtype=F64), max_abs_p=float(p64.abs().max()) if p64.numel() else 0.0,
+            p=p64, level=lvl, m=zeros(), v=zeros(), vmax=zeros(), abs_p_sum=torch.zeros_like(p64)
         )
+
+    def load_state(self, exp_avg, exp_avg_sq, max_exp_avg_sq=None, step=0) -> None:
+        """Start from given (folded) moments, e.g. an optimizer's after a checkpoint load."""
+        self.m = exp_avg.detach().to(F64).clone()
+        self.v = exp_avg_sq.detach().to(F64).clone()
+        if max_exp_avg_sq is not None:
+            self.vmax = max_exp_avg_sq.detach().to(F64).clone()
+        self.t = int(step)
+
+    def resync(self, p: torch.Tensor) -> None:
+        """Take the optimizer's parameter as the model's and reset the error bookkeeping."""
+        self.p = p.detach().to(F64).clone()
+        self.abs_p_sum = torch.zeros_like(self.p)
+        self.update_sum = 0.0
 
     def step(self, grad: torch.Tensor, hp: Hyper, lr: float | None = None) -> None:
         lr = hp.lr if lr is None else float(lr)
         b1, b2 = hp.betas
         lvl = self.level
         n = self.p.shape[-1] if self.p.dim() else 1
-        old = self.p.clone()
+        old = self.p
 
         g = grad.detach().to(F64)
         if hp.maximize:
@@ -165,26 +196,71 @@ class ParamModel:
         bc2 = 1 - b2**t
         self.p = p - (lr * alpha / bc1) * big_m / (big_v.sqrt() / math.sqrt(bc2) + hp.eps)
 
-        if self.p.numel():
-            self.last_update = max(self.last_update, float((self.p - old).abs().max()))
-            self.max_abs_p = max(self.max_abs_p, float(self.p.abs().max()))
+        self.abs_p_sum = self.abs_p_sum + torch.maximum(old.abs(), self.p.abs())
+        self.update_sum += _amax(self.p - old)
+        self.m_scale = self.m_scale + self.m.abs() + (1 - b1) * model_fold(g.abs(), lvl)
+        self.v_scale = self.v_scale + self.v + (1 - b2) * qb
+
+
+def _amax(x: torch.Tensor) -> float:
+    return float(x.abs().max()) if x.numel() else 0.0
 
 
 # ------------------------------------------------------------------------ tolerances
-def float_tolerance(
-    model: ParamModel, steps: int, dtype: torch.dtype, math_dtype: torch.dtype = torch.float32
-) -> float:
-    """Absolute error allowed after ``steps`` steps of a ``dtype`` parameter, math in ``math_dtype``.
+# ``OPS`` bounds the roundings of one step's chain relative to the size it is measured against:
+# block sums (pairwise, <= log2(256) = 8 levels at level 8), the mean's divide, the moment
+# updates, unfold, residual, sqrt, bias corrections, divide, multiply.
+OPS = 16
 
-    Per step the parameter is rounded once to ``dtype`` (unit roundoff ``u`` of ``|p|``) and the
-    ``math_dtype`` update carries a few roundings of its own size (``|p|`` and the largest
-    update). Errors add up over the steps (decoupled decay multiplies an earlier error by <= 1,
-    and the update itself depends on the gradients only). ``OPS`` bounds the float32 operations
-    of one update chain (fold, moments, unfold, sqrt, divide, multiply, subtract), each one
-    rounding once.
+
+def param_tolerance(
+    model: ParamModel, dtype: torch.dtype, math_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Per-element error allowed for a ``dtype`` parameter updated with ``math_dtype`` math.
+
+    Each step rounds ``p`` three times in ``math_dtype`` (the decay factor, the decayed product,
+    the difference) and once when stored as ``dtype``; the update carries at most ``OPS``
+    roundings of the largest update. Errors add up over steps: decoupled decay multiplies an
+    earlier error by at most 1 and the update depends on the gradients only.
     """
-    OPS = 16
-    u_param = unit_roundoff(dtype)
+    u_store = unit_roundoff(dtype) if dtype != math_dtype else 0.0
     u_math = unit_roundoff(math_dtype)
-    per_step = u_param * model.max_abs_p + OPS * u_math * (model.max_abs_p + model.last_update)
-    return steps * per_step
+    return (u_store + 3 * u_math) * model.abs_p_sum + OPS * u_math * model.update_sum
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol, what: str) -> None:
+    __tracebackhide__ = True
+    err = (actual.detach().to(F64) - expected).abs()
+    tol = torch.as_tensor(tol, dtype=F64).expand_as(err)
+    bad = err > tol
+    if bad.any():
+        i = int((err - tol).flatten().argmax())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements outside tolerance; worst: "
+            f"|err| {err.flatten()[i]:.3e} > tol {tol.flatten()[i]:.3e} "
+            f"(got {actual.detach().to(F64).flatten()[i]:.9g}, "
+            f"expected {expected.flatten()[i]:.9g})"
+        )
+
+
+def assert_param_matches(p, model, math_dtype=torch.float32, what="parameter") -> None:
+    __tracebackhide__ = True
+    assert_within(p, model.p, param_tolerance(model, p.dtype, math_dtype), what)
+
+
+def assert_state_matches(
+    state: dict, model: ParamModel, amsgrad: bool, math_dtype: torch.dtype = torch.float32
+) -> None:
+    """Folded shapes, and moments within ``OPS`` roundings per step of what they are built from."""
+    __tracebackhide__ = True
+    u = unit_roundoff(math_dtype)
+    assert tuple(state["exp_avg"].shape) == tuple(model.m.shape)
+    assert tuple(state["exp_avg_sq"].shape) == tuple(model.v.shape)
+    assert_within(state["exp_avg"], model.m, OPS * u * model.m_scale, "exp_avg")
+    assert_within(state["exp_avg_sq"], model.v, OPS * u * model.v_scale, "exp_avg_sq")
+    if amsgrad:
+        assert tuple(state["max_exp_avg_sq"].shape) == tuple(model.vmax.shape)
+        assert_within(
+            state["max_exp_avg_sq"], model.vmax, OPS * u * model.v_scale, "max_exp_avg_sq"
+        )
+    assert float(state["step"]) == model.t
