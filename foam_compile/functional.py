@@ -19,7 +19,14 @@ __all__ = ["foam_adam_"]
 
 
 def _scalars(step: Tensor | float, lr, beta1, beta2, scale):
-    """Bias-correction terms, once per parameter step (tensors when ``step`` is a tensor)."""
+    """Bias-correction terms, once per parameter step (tensors when ``step`` is a tensor).
+
+    In float64: ``1 - 0.999**t`` in float32 cancels to ~1e-4 relative error at small ``t``
+    (torch's eager AdamW computes these as Python floats for the same reason). A 0-d float64
+    tensor does not promote the float32 tensors it multiplies.
+    """
+    if isinstance(step, Tensor):
+        step = step.to(torch.float64)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
     return lr * scale / bc1, bc2**-0.5

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -141,11 +142,12 @@ class FOAM(torch.optim.Optimizer):
         _check_autotune(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)  # may be a generator
+        param_group["params"] = params
         group = dict(param_group)
         for key, value in getattr(self, "defaults", {}).items():
             group.setdefault(key, value)
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
         check_params([{"params": params}])
         if "lr" in group:
             check_hyperparameters(group)
@@ -171,7 +173,7 @@ class FOAM(torch.optim.Optimizer):
         self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, levels
     ):
         """Collect this group's tensors, creating state on first use (Dynamo runs this eagerly)."""
-        gi = self.param_groups.index(group) if group in self.param_groups else 0
+        gi = next((i for i, g in enumerate(self.param_groups) if g is group), 0)
         for pi, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -191,11 +193,12 @@ class FOAM(torch.optim.Optimizer):
                 )
             level = state["foam_level"]
             expected = folded_shape(p.shape, level)
-            if tuple(state["exp_avg"].shape) != expected:
-                raise RuntimeError(
-                    f"FOAM: exp_avg of {_describe(p, gi, pi)} has shape "
-                    f"{list(state['exp_avg'].shape)}, expected {list(expected)} for level {level}"
-                )
+            for key in _MOMENTS:
+                if key in state and tuple(state[key].shape) != expected:
+                    raise RuntimeError(
+                        f"FOAM: {key} of {_describe(p, gi, pi)} has shape "
+                        f"{list(state[key].shape)}, expected {list(expected)} for level {level}"
+                    )
             if group.get("amsgrad", False) and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
             params.append(p)
@@ -263,9 +266,15 @@ class FOAM(torch.optim.Optimizer):
         them (each element gets its block's mean). Used by the planner's ``level='auto'``.
         """
         index = {p: (gi, pi, g) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
-        for p, level in levels.items():
+        for p, level in levels.items():  # check everything before changing anything
             if p not in index:
                 raise ValueError(f"set_levels: a tensor of shape {list(p.shape)} is not in this optimizer")
+            if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 0 <= level <= 16:
+                raise ValueError(
+                    f"set_levels: invalid level {level!r} for the parameter of shape "
+                    f"{list(p.shape)}; use an int in [0, 16]"
+                )
+        for p, level in levels.items():
             gi, pi, group = index[p]
             level = effective_level(p.shape, int(level))
             state = self.state[p]
