@@ -23,8 +23,8 @@ from .optimizer import (
     _MOMENTS,
     FOAM,
     FOAM_DEFAULTS,
-    check_hyperparameters,
     _check_autotune,
+    check_hyperparameters,
     check_params,
     state_dtype,
 )

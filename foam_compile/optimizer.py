@@ -324,10 +324,8 @@ def _check_autotune(opt) -> None:
 
 
 def _make_tuner(opt):
-    from .discovery import parameter_names
+    from .discovery import embedding_params, parameter_names
     from .planner import AutoTuner
-
-    from .discovery import embedding_params
 
     params = [p for g in opt.param_groups if g.get("level") == "auto" for p in g["params"]]
     names = parameter_names(params, opt.autotune.get("model"))
