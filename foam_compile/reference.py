@@ -35,7 +35,7 @@ def fold(x: Tensor, level: int) -> Tensor:
     A partial last block averages only the elements that exist (the reference code zero-pads and
     divides by the full block size, which biases the last block low; ALGORITHM.md "Folding").
     """
-    if level == 0:
+    if level == 0 or x.shape[-1] == 0:
         return x
     n, block = x.shape[-1], 2**level
     nb = math.ceil(n / block)
@@ -84,8 +84,8 @@ def reference_step(
     n = p.shape[-1] if p.dim() else 1
     fshape = folded_shape(p.shape, level)
     for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
-        if key not in state:
-            state[key] = torch.zeros(fshape, dtype=torch.float32, device=p.device)
+        if key not in state:  # float32, as the optimizer; float64 parameters keep float64
+            state[key] = torch.zeros(fshape, dtype=compute, device=p.device)
 
     g = grad.to(compute)
     if maximize:

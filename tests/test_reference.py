@@ -141,6 +141,18 @@ def test_fold_of_constant_blocks_is_the_constant(shape, level):
     assert torch.equal(fold(x, level), y)
 
 
+@pytest.mark.parametrize("level", [0, 1, 3])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5), (2, 0, 4)], ids=str)
+def test_empty_params_fold_and_step(shape, level):
+    """Zero-size tensors fold to zero-size folded shapes and step without error."""
+    x = torch.zeros(shape)
+    assert tuple(fold(x, level).shape) == model_folded_shape(shape, level)
+    assert tuple(unfold(fold(x, level), level, shape[-1]).shape) == shape
+    hp = OPTIONS["amsgrad"]
+    p, state, model = run_reference(shape, level, hp, steps=2)
+    assert_matches_model(p, state, model, hp)
+
+
 _settings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
