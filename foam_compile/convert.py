@@ -10,7 +10,6 @@ moments go away because the optimizer stops referencing them.
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .discovery import parameter_names
+from .distributed import fold, local_numel, unfold
 from .optimizer import (
     _MOMENTS,
     FOAM,
@@ -29,7 +29,7 @@ from .optimizer import (
     state_dtype,
 )
 from .policy import KEEP_UNFOLDED, choose_levels
-from .reference import fold, folded_shape, unfold
+from .reference import folded_shape
 
 __all__ = ["convert", "is_converted", "export_adamw_state_dict", "explain", "Explanation"]
 
@@ -248,7 +248,7 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
         for pi, p in enumerate(group["params"]):
             st = optimizer.state.get(p, {})
             level = st.get("foam_level", 0)
-            foam = sum(st[k].nbytes for k in _MOMENTS if k in st)
-            adam = n_moments * 4 * math.prod(p.shape)
+            foam = sum(local_numel(st[k]) * st[k].element_size() for k in _MOMENTS if k in st)
+            adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
             rows.append((names.get(id(p), f"group{gi}.param{pi}"), tuple(p.shape), level, foam, adam))
     return Explanation(rows)

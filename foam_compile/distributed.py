@@ -55,9 +55,12 @@ __all__ = [
 ]
 
 try:  # torch.distributed may be compiled out (some macOS/Windows builds)
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover
-    DTensor = Partial = Replicate = None
+    DTensor = compute_local_shape_and_global_offset = None
+
+_STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # foam_adam_'s order
 
 
 def is_dtensor(t) -> bool:
@@ -158,14 +161,16 @@ def _wrap_like(local_tensor: Tensor, like: Tensor, global_shape: Sequence[int]) 
     """A ``DTensor`` on ``like``'s mesh and placements whose local part is ``local_tensor``."""
     global_shape = torch.Size(global_shape)
     out = DTensor.from_local(
-        local_tensor, like.device_mesh, like.placements, run_check=False,
-        shape=global_shape, stride=_contiguous_stride(global_shape),
+        local_tensor,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=global_shape,
+        stride=_contiguous_stride(global_shape),
     )
     # torch.distributed.checkpoint finds each rank's chunk from the global shape and placements;
     # a local tensor of another size would be saved to the wrong place. check_foldable makes this
     # impossible; keep the check so that a layout we did not foresee fails loudly.
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     expected, _ = compute_local_shape_and_global_offset(
         global_shape, like.device_mesh, like.placements
     )
@@ -179,9 +184,7 @@ def _wrap_like(local_tensor: Tensor, like: Tensor, global_shape: Sequence[int]) 
 
 
 # ------------------------------------------------------------------------- state tensors
-def zeros_folded(
-    p: Tensor, level: int, dtype: torch.dtype, what: str | None = None
-) -> Tensor:
+def zeros_folded(p: Tensor, level: int, dtype: torch.dtype, what: str | None = None) -> Tensor:
     """Zero moments in ``p``'s folded shape at ``level`` (the caller applies ``effective_level``).
 
     A plain tensor for a plain ``p``; for a ``DTensor`` ``p``, a ``DTensor`` with ``p``'s mesh
@@ -220,8 +223,6 @@ def fold(x: Tensor, level: int) -> Tensor:
 
 def _local_size(n: int, y: Tensor, dim: int) -> int:
     """This rank's size of a global dim ``dim`` of length ``n`` under ``y``'s placements."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     shape = list(y.shape)
     shape[dim] = n
     local_shape, _ = compute_local_shape_and_global_offset(
@@ -293,8 +294,10 @@ def local_views(
     for i, p in enumerate(params):
         if not is_dtensor(p):
             continue
-        others = [("grad", grads[i])] + [
-            (f"state list {k}", s[i]) for k, s in enumerate(states) if len(s) > i
+        others = [("gradient", grads[i])] + [
+            (_STATE_NAMES[k] if k < len(_STATE_NAMES) else f"state {k}", s[i])
+            for k, s in enumerate(states)
+            if len(s) > i
         ]
         for role, t in others:
             if not is_dtensor(t) or tuple(t.placements) != tuple(p.placements):

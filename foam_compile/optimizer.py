@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributed import fold, like_param, zeros_folded
 from .functional import foam_adam_
-from .reference import effective_level, fold, folded_shape
+from .reference import effective_level, folded_shape
 
 __all__ = ["FOAM", "FOAM_DEFAULTS"]
 
@@ -156,16 +157,15 @@ class FOAM(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- state
     def _new_state(self, p: Tensor, group: dict, level: int | None = None) -> dict:
         level = effective_level(p.shape, _group_level(group) if level is None else level)
-        shape = folded_shape(p.shape, level)
         dtype = state_dtype(p)
         step_device = p.device if group.get("capturable") or group.get("fused") else "cpu"
         state = {
             "step": torch.tensor(0.0, dtype=torch.float32, device=step_device),
-            "exp_avg": torch.zeros(shape, dtype=dtype, device=p.device),
-            "exp_avg_sq": torch.zeros(shape, dtype=dtype, device=p.device),
+            "exp_avg": zeros_folded(p, level, dtype),
+            "exp_avg_sq": zeros_folded(p, level, dtype),
         }
         if group.get("amsgrad", False):
-            state["max_exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+            state["max_exp_avg_sq"] = zeros_folded(p, level, dtype)
         state["foam_level"] = level
         return state
 
@@ -304,7 +304,8 @@ class FOAM(torch.optim.Optimizer):
         # torch casts floating state to the parameter dtype; FOAM keeps its float32 state.
         for p, st in self.state.items():
             for key, value in moments.get(p, {}).items():
-                st[key] = value.to(device=p.device, dtype=state_dtype(p))
+                value = value.to(device=p.device, dtype=state_dtype(p))
+                st[key] = like_param(value, p, st.get("foam_level", 0))
         if not hasattr(self, "autotune"):
             self.autotune = dict(FOAM_AUTOTUNE)
         _check_autotune(self)
@@ -344,7 +345,7 @@ def _group_level(group: dict) -> int:
 
 
 def _unfold_to(y: Tensor, level: int, n: int) -> Tensor:
-    from .reference import unfold
+    from .distributed import unfold
 
     return unfold(y, level, n)
 
