@@ -1,110 +1,184 @@
 """The FOAM update as one plain-torch function that eager mode, Dynamo and Inductor all run.
 
-Written for Inductor: the gradient is viewed as ``[..., nb, B]`` and the folded moments are
-broadcast over the block axis, so the block means, ``R``, ``M`` and ``V`` live inside one loop
-nest per parameter shape and no full-size temporary is written (an integer division ``i // B`` in
-the index math would stop Inductor's C++ vectoriser; a view does not). A partial last block (``n``
-not a multiple of ``B``) is a second, one-block view over the tail. On CUDA, where the Triton
-kernel is available, :func:`foam_adam_` hands each group of tensors to that kernel instead.
+Written for Inductor's C++ (CPU) backend; the same code is correct in eager mode and on any
+device. On CUDA, where the Triton kernel is available, :func:`foam_adam_` hands each group of
+tensors to that kernel instead. The math is ALGORITHM.md's and is tested against
+:mod:`foam_compile.reference`; ``tests/test_functional_inductor.py`` pins the generated code.
 
-The math is ALGORITHM.md's and is tested against :mod:`foam_compile.reference`.
+What Inductor (torch 2.13, C++ backend) makes of a folded parameter ``[rows, n]`` at level ``l``
+(block ``B = 2**l``), and why the code below is shaped the way it is:
+
+* **Bias corrections once per step.** ``beta**t`` lowers to ``std::pow`` inlined into the
+  element loop and re-evaluated for every vector (three ``pow`` calls per 8 elements made
+  compiled AdamW ~4x slower than its memory traffic). A broadcast 0-d value is computed once,
+  before the loop, only when its body holds a "heavy" op (``exp``/``log``/...: Inductor's
+  ``should_realize_on_reuse``), so the corrections are written as ``exp(t * log(beta))``, in
+  float64 so that they are as exact as the reference's Python floats.
+* **Two loop nests, no full-size temporary.** The block nest (``[rows, nb]``) reads ``g`` once per
+  block, writes the new moments and a small ``blk = (m_new - rho*gb, v_use, gb)``
+  (``3/B`` floats per element); ``torch.stack`` guarantees that ``blk`` is realised (Inductor's
+  CPU ``cat`` is always a ``ConcatKernel``), otherwise its inputs would be inlined into the element
+  nest. The element nest runs over ``p``'s own ``[rows, n]`` range (an in-place update of a graph
+  input always iterates the input's shape) and writes ``p`` directly: ``R``, ``M``, ``V`` stay in
+  registers. It reads ``p``, ``g``, 3 scalars and ``3*K`` block values (``K`` blocks per lane
+  group, below), at most 12 loads: one more and Inductor realises the element value into a
+  full-size buffer and copies it into ``p`` (``realize_cpu_acc_reads_threshold = 12``).
+* **No integer-division gathers.** Unfolding ``blk[..., i // B]`` over ``p``'s range gives
+  ``FloorDiv(i, 4)``, which the vectoriser can only load with a scalar gather per lane (and
+  Inductor's loop split only fires for divisors > 8). Instead the element math runs on ``g`` viewed
+  as ``[rows, n/G, G]`` with ``G = 8`` lanes (one AVX2 float vector): the ``K = G/B`` block values
+  of a group are loaded at ``FloorDiv(i, 8)`` (constant within a vector: one broadcast load each)
+  and picked per lane with ``where(lane < B, q0, q1)`` (a blend). For ``B >= 8`` there is one block
+  per group and no blend. A row whose length is not a multiple of ``G`` is padded with zeros;
+  the padding is masked out of the block means (they divide by the elements that exist) and never
+  stored.
+* The partial last block (``n % B != 0``) is the same code: the block nest pads ``g`` to whole
+  blocks and divides each block sum by its own element count.
+
+One nest for both would need Inductor to fuse a ``[rows, nb]`` loop with a ``[rows, n]`` loop;
+its CPU scheduler only fuses equal ranges, a ``COMPATIBLE_REDUCTION`` (a real, not unrolled,
+reduction over the inner dim: ``B > 8``) or outer loops of equal length, none of which applies at
+``B = 4``. The block nest costs one extra read of ``g`` and ``blk``: about 26 bytes per element
+moved against the ideal 16 (AdamW: 28), with every loop vectorised or scalar-per-block.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .distributed import local_views
 
 __all__ = ["foam_adam_"]
 
+# Lanes per group in the element nest: one AVX2 float32 vector, so a group's block values are
+# loaded once per vector. 8 also keeps K = G / B <= 2 at level 2 (the paper's level), within the
+# element nest's read budget; level 1 (K = 4) exceeds it and costs one full-size buffer.
+LANES = 8
 
-def _scalars(step: Tensor | float, lr, beta1, beta2, scale):
-    """Bias-correction terms, once per parameter step (tensors when ``step`` is a tensor).
 
-    In float64: ``1 - 0.999**t`` in float32 cancels to ~1e-4 relative error at small ``t``
-    (torch's eager AdamW computes these as Python floats for the same reason). A 0-d float64
-    tensor does not promote the float32 tensors it multiplies.
+def _bias_correction(step: Tensor, beta: float) -> Tensor:
+    """``1 - beta**step`` in float64, written with ``exp``.
+
+    ``exp`` (not ``pow``, not ``expm1``) is on Inductor's list of "heavy" CPU ops, so the scalar is
+    computed once per step rather than once per vector; float64 keeps ``1 - beta**t`` as accurate
+    as the reference's Python floats (no cancellation worth a float32 ulp at ``t = 1``).
     """
-    if isinstance(step, Tensor):
-        step = step.to(torch.float64)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    return lr * scale / bc1, bc2**-0.5
+    if beta == 0.0:
+        return torch.ones_like(step, dtype=torch.float64)
+    return 1 - torch.exp(step.to(torch.float64) * math.log(beta))
 
 
-def _block_update(p, g, m, v, vmax, *, block, step_size, inv_sqrt_bc2, decay, hp):
-    """FOAM on ``p, g`` of shape ``[..., k*block]`` with moments ``[..., k]``; returns new values."""
-    beta1, beta2, eps, wd, decoupled, amsgrad, maximize, res_scale = hp
-    gf = g.float().unflatten(-1, (-1, block))
-    pf = p.float().unflatten(-1, (-1, block))
+def _scalars(step: Tensor | float, lr, beta1: float, beta2: float, scale: float, dtype):
+    """``(step_size, inv_sqrt_bc2)`` for one parameter step: ``lr * scale / bc1`` and ``bc2**-0.5``.
+
+    Tensors (of ``dtype``) when ``step`` is a tensor, Python floats otherwise.
+    """
+    if not isinstance(step, Tensor):
+        t = float(step)
+        return lr * scale / (1 - beta1**t), (1 - beta2**t) ** -0.5
+    step_size = (lr * scale / _bias_correction(step, beta1)).to(dtype)
+    inv_sqrt_bc2 = _bias_correction(step, beta2).rsqrt().to(dtype)
+    return step_size, inv_sqrt_bc2
+
+
+def _gradient(p: Tensor, g: Tensor, hp, compute: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(p, g)`` in the compute dtype, ``g`` negated for ``maximize`` and with Adam's coupled decay."""
+    _, _, _, wd, decoupled, _, maximize, _ = hp
+    pf, gf = p.to(compute), g.to(compute)
     if maximize:
         gf = -gf
     if not decoupled and wd != 0:
         gf = gf + wd * pf
-    gb = gf.mean(-1, keepdim=True)
-    qb = (gf * gf).mean(-1, keepdim=True)
-    m_new = m.unsqueeze(-1) * beta1 + gb * (1 - beta1)
-    v_new = v.unsqueeze(-1) * beta2 + qb * (1 - beta2)
-    v_use = torch.maximum(vmax.unsqueeze(-1), v_new) if amsgrad else v_new
-    r = gf - gb
-    big_m = m_new + res_scale * r
-    big_v = v_use + (res_scale * res_scale) * (r * r)
-    pf = pf * decay - step_size * big_m / (big_v.sqrt() * inv_sqrt_bc2 + eps)
-    return (
-        pf.flatten(-2),
-        m_new.squeeze(-1),
-        v_new.squeeze(-1),
-        v_use.squeeze(-1) if amsgrad else None,
-    )
+    return pf, gf
+
+
+def _adam_param_(p, g, m, v, vmax, *, step_size, inv_sqrt_bc2, decay, hp, compute) -> None:
+    """Level 0: AdamW/Adam elementwise (any shape, 0-d included); one loop nest."""
+    beta1, beta2, eps, _, _, amsgrad, _, _ = hp
+    pf, gf = _gradient(p, g, hp, compute)
+    m_new = m * beta1 + gf * (1 - beta1)
+    v_new = v * beta2 + (gf * gf) * (1 - beta2)
+    v_use = torch.maximum(vmax, v_new) if amsgrad else v_new
+    p.copy_(pf * decay - step_size * m_new / (v_use.sqrt() * inv_sqrt_bc2 + eps))
+    m.copy_(m_new)
+    v.copy_(v_new)
+    if amsgrad:
+        vmax.copy_(v_use)
+
+
+def _pad_last(x: Tensor, size: int) -> Tensor:
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+
+
+def _folded_param_(p, g, m, v, vmax, level, *, step_size, inv_sqrt_bc2, decay, hp, compute):
+    """Level >= 1 for a parameter of at least 2 dims: a block nest, then an element nest."""
+    beta1, beta2, eps, _, _, amsgrad, _, rho = hp
+    n = p.shape[-1]
+    rows = p.numel() // n
+    block = 1 << level
+    nb = -(-n // block)  # blocks per row; the state's last dim
+    lanes = max(LANES, block)  # elements per lane group
+    k = lanes // block  # blocks per group
+    groups = -(-n // lanes)
+    nbp = groups * k  # blocks per row, counting the empty ones that fill the last group
+    pf, gf = _gradient(p.reshape(rows, n), g.reshape(rows, n), hp, compute)
+    gp = _pad_last(gf, groups * lanes)  # zeros past n: they add nothing to a block sum
+
+    # ---- block nest: block means, new moments, and blk for the element nest.
+    gb3 = gp.view(rows, nbp, block)
+    if nbp * block == n:
+        gb, qb = gb3.mean(-1), (gb3 * gb3).mean(-1)
+    else:  # partial last block (and empty filler blocks): divide by the elements that exist
+        count = (n - torch.arange(nbp, device=p.device) * block).clamp(1, block)
+        gb, qb = gb3.sum(-1) / count, (gb3 * gb3).sum(-1) / count
+    m_new = _pad_last(m.reshape(rows, nb), nbp) * beta1 + gb * (1 - beta1)
+    v_new = _pad_last(v.reshape(rows, nb), nbp) * beta2 + qb * (1 - beta2)
+    v_use = torch.maximum(_pad_last(vmax.reshape(rows, nb), nbp), v_new) if amsgrad else v_new
+    # M = m_new + rho*(g - gb) = (m_new - rho*gb) + rho*g: one block value for M, two for V.
+    blk = torch.stack([m_new - rho * gb, v_use, gb]).view(3, rows, groups, k, 1)
+
+    # ---- element nest over [rows, groups, lanes]: block values broadcast, picked per lane.
+    lane = torch.arange(lanes, device=p.device)
+
+    def per_lane(q: Tensor) -> Tensor:  # [rows, groups, k, 1] -> broadcastable to the lanes
+        out = q[:, :, k - 1]
+        for j in range(k - 2, -1, -1):
+            out = torch.where(lane < (j + 1) * block, q[:, :, j], out)
+        return out
+
+    g3 = gp.view(rows, groups, lanes)
+    r = g3 - per_lane(blk[2])
+    big_m = per_lane(blk[0]) + rho * g3
+    big_v = per_lane(blk[1]) + (rho * rho) * (r * r)
+    p3 = _pad_last(pf, groups * lanes).view(rows, groups, lanes)
+    new_p = p3 * decay - step_size * big_m / (big_v.sqrt() * inv_sqrt_bc2 + eps)
+    p.copy_(new_p.view(rows, groups * lanes)[:, :n].reshape(p.shape))
+    m.copy_(m_new[:, :nb].reshape(m.shape))
+    v.copy_(v_new[:, :nb].reshape(v.shape))
+    if amsgrad:
+        vmax.copy_(v_use[:, :nb].reshape(vmax.shape))
 
 
 def _foam_param_(p, g, m, v, vmax, step, level, *, lr, hp, scale):
-    beta1, beta2, eps, wd, decoupled, amsgrad, maximize, res_scale = hp
+    """One FOAM step for one parameter (``step`` already incremented), in place."""
+    beta1, beta2, _, wd, decoupled, _, _, _ = hp
+    if p.numel() == 0:
+        return
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
     # alpha scales folded parameters only: at level 0 FOAM is AdamW exactly (ALGORITHM.md).
-    step_size, inv_sqrt_bc2 = _scalars(step, lr, beta1, beta2, scale if level > 0 else 1.0)
+    step_size, inv_sqrt_bc2 = _scalars(
+        step, lr, beta1, beta2, scale if level > 0 else 1.0, compute
+    )
     decay = 1 - lr * wd if decoupled else 1.0
-    kw = dict(step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2, decay=decay, hp=hp)
-    if level == 0:
-        # Plain AdamW/Adam: a block of one element, R = 0. Works for 0-d tensors too.
-        shape = p.shape
-        parts = _block_update(
-            p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-            vmax.reshape(-1) if amsgrad else None, block=1, **kw,
-        )
-        new_p, new_m, new_v, new_vmax = (None if x is None else x.reshape(shape) for x in parts)
+    kw = dict(step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2, decay=decay, hp=hp, compute=compute)
+    if level == 0 or p.dim() < 2:
+        _adam_param_(p, g, m, v, vmax, **kw)
     else:
-        n, block = p.shape[-1], 2**level
-        full = n // block
-        head = full * block
-        if head == n:
-            new_p, new_m, new_v, new_vmax = _block_update(p, g, m, v, vmax, block=block, **kw)
-        else:
-            # Main blocks and the partial last block (mean over its own elements only).
-            sl = (slice(None),) * (p.dim() - 1)
-            tails = _block_update(
-                p[sl + (slice(head, n),)], g[sl + (slice(head, n),)],
-                m[sl + (slice(full, full + 1),)], v[sl + (slice(full, full + 1),)],
-                vmax[sl + (slice(full, full + 1),)] if amsgrad else None,
-                block=n - head, **kw,
-            )
-            if full:
-                heads = _block_update(
-                    p[sl + (slice(0, head),)], g[sl + (slice(0, head),)],
-                    m[sl + (slice(0, full),)], v[sl + (slice(0, full),)],
-                    vmax[sl + (slice(0, full),)] if amsgrad else None,
-                    block=block, **kw,
-                )
-                parts = [
-                    None if a is None else torch.cat([a, b], dim=-1) for a, b in zip(heads, tails)
-                ]
-            else:
-                parts = list(tails)
-            new_p, new_m, new_v, new_vmax = parts
-    p.copy_(new_p)
-    m.copy_(new_m)
-    v.copy_(new_v)
-    if amsgrad:
-        vmax.copy_(new_vmax)
+        _folded_param_(p, g, m, v, vmax, level, **kw)
 
 
 def _use_triton(tensors: list[Tensor]) -> bool:
@@ -144,6 +218,9 @@ def foam_adam_(
     shape). Hyperparameters follow ``torch.optim.AdamW``; ``scale`` and ``res_scale`` are FOAM's
     alpha and rho, and ``scale`` applies to folded parameters (level >= 1) only.
     """
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = local_views(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+    )  # DTensor shards (FSDP2): the math is local, folds never cross a shard
     hp = (beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, res_scale)
     for step in state_steps:
         step += 1

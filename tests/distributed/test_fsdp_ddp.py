@@ -485,7 +485,6 @@ def reference():
     return single_process(make_foam)
 
 
-@NEEDS_WIRING
 def test_fsdp2_matches_single_process(runs, reference):
     record = runs["fsdp"]
     diff = assert_matches(record, *reference)
@@ -506,7 +505,6 @@ def test_fsdp2_matches_single_process(runs, reference):
     assert max(record["local_state_bytes"]) < 0.6 * total
 
 
-@NEEDS_WIRING
 def test_fsdp2_last_dim_shards_on_block_boundaries(runs, reference):
     record = runs["fsdp_shard1"]
     diff = assert_matches(record, *reference)
@@ -515,7 +513,6 @@ def test_fsdp2_last_dim_shards_on_block_boundaries(runs, reference):
     assert record["state"][2]["exp_avg"].shape == (24, 2)  # 16 columns, blocks of 8
 
 
-@NEEDS_WIRING
 def test_fsdp2_refuses_blocks_across_ranks(runs):
     record = runs["refuse_misaligned"]
     error = record["error"]
@@ -529,7 +526,6 @@ def test_ddp_matches_single_process(runs, reference):
     print(f"DDP vs single process: max |param diff| {diff:.3g}")
 
 
-@NEEDS_WIRING
 def test_checkpoint_2_ranks_to_1(runs, reference):
     """The 2-rank FSDP2 checkpoint resumed in one plain process continues identically."""
     record = runs["fsdp"]  # the scenario that wrote the checkpoint ran
@@ -549,13 +545,11 @@ def test_checkpoint_2_ranks_to_1(runs, reference):
     print(f"checkpoint 2 -> 1: max |param diff| {diff:.3g}")
 
 
-@NEEDS_WIRING
 def test_checkpoint_1_rank_to_2(runs, reference):
     diff = assert_matches(runs["load_1to2"], *reference)
     print(f"checkpoint 1 -> 2: max |param diff| {diff:.3g}")
 
 
-@NEEDS_WIRING
 @pytest.mark.parametrize("how", ["load_full", "load_full_fqn"])
 def test_full_state_dict_into_fsdp2(runs, reference, how):
     """A single-process FOAM state dict loaded on 2 FSDP2 ranks (see scenario_load_full)."""
@@ -565,7 +559,6 @@ def test_full_state_dict_into_fsdp2(runs, reference, how):
     print(f"full state dict ({how}) -> 2 ranks: max |param diff| {diff:.3g}")
 
 
-@NEEDS_WIRING
 def test_set_levels_and_export_under_fsdp2(runs):
     record = runs["levels_export"]
     model = make_model()
@@ -589,7 +582,6 @@ def _adamw_then_convert():
     return model, opt
 
 
-@NEEDS_WIRING
 def test_convert_under_fsdp2(runs):
     record = runs["convert"]
     assert record["opt_class"] == "FOAMAdamW"
@@ -604,7 +596,6 @@ def _compiled_reference(make=None):
     return single_process(None, model=model, opt=opt)
 
 
-@NEEDS_WIRING
 def test_compiled_foam_backend_under_fsdp2(runs):
     """``torch.compile(step, backend=foam_compile.backend(...))`` of a stock AdamW under FSDP2
     equals eager FOAM."""
@@ -626,7 +617,6 @@ def inductor_runs(tmp_path_factory) -> Runs:
     return Runs(root)
 
 
-@NEEDS_WIRING
 def test_foam_backend_with_inductor_under_fsdp2_one_layer(inductor_runs):
     diff = assert_matches(inductor_runs["inductor_one_layer"], *_compiled_reference())
     print(f"backend='foam' + Inductor under FSDP2, one Linear: max |param diff| {diff:.3g}")
@@ -635,7 +625,6 @@ def test_foam_backend_with_inductor_under_fsdp2_one_layer(inductor_runs):
 # torch 2.13 note: an earlier foam_adam_ (slices for the partial block, unflatten views) made
 # AOTAutograd fail here for models with several weight shapes: IndexError in
 # ShapeEnv.produce_guards_verbose, a size symbol with no source. This test catches a return.
-@NEEDS_WIRING
 def test_foam_backend_with_inductor_under_fsdp2_mlp(inductor_runs):
     diff = assert_matches(inductor_runs["inductor_mlp"], *_compiled_reference(make_model))
     print(f"backend='foam' + Inductor under FSDP2, MLP: max |param diff| {diff:.3g}")

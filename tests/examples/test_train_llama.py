@@ -1,0 +1,66 @@
+"""The LLaMA demo end to end on a tiny model and a tiny text: both runs train, the report is whole.
+
+Eager (``--no-compile``) so that it runs in seconds: compiling the step twice with Inductor
+takes about a minute on 2 cores. The compiled path is the demo's default and is covered by the
+backend's own tests; here we check the script around it. One thread: on a busy 2-core machine
+two OpenMP threads spin against other processes and a tiny step gets 10-50x slower.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_llama.py"
+
+TEXT = (
+    "Shall I compare thee to a summer's day?\n"
+    "Thou art more lovely and more temperate:\n"
+    "Rough winds do shake the darling buds of May,\n"
+    "And summer's lease hath all too short a date.\n"
+)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_llama", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_report_and_both_losses_fall(tmp_path):
+    text = tmp_path / "sonnet.txt"
+    text.write_text(TEXT * 40, encoding="utf-8")
+    out = tmp_path / "out"
+    argv = [
+        "--text", str(text), "--out", str(out), "--no-compile", "--steps", "30",
+        "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "8",
+        "--val-windows", "16", "--evals", "3", "--lr", "1e-2", "--threads", "1",
+    ]
+    threads = torch.get_num_threads()
+    try:
+        load_script().main(argv)
+    finally:
+        torch.set_num_threads(threads)  # main() sets it process-wide
+
+    report = json.loads((out / "report.json").read_text())
+    assert {"adamw", "foam"} <= report.keys()
+    for name in ("adamw", "foam"):
+        run = report[name]
+        for key in ("val_loss", "train_loss", "optimizer_state_bytes", "tokens_per_s", "config",
+                    "val_curve"):
+            assert key in run, (name, key)
+        curve = run["val_curve"]
+        assert curve[0][0] == 0 and curve[-1][0] == 30
+        assert run["val_loss"] == curve[-1][1]
+        assert curve[-1][1] < curve[0][1] - 0.5, f"{name}: validation loss did not fall: {curve}"
+    assert report["foam"]["config"]["level"] == 2 and report["adamw"]["config"]["level"] == 0
+    # Level 2 folds the attention/MLP weights 4x; embeddings, head and norms stay full size.
+    assert report["foam"]["optimizer_state_bytes"] < report["adamw"]["optimizer_state_bytes"]
+    assert (out / "loss.png").stat().st_size > 0
+    assert "FOAM / AdamW" in (out / "report.md").read_text()
