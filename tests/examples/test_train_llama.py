@@ -38,9 +38,31 @@ def test_tiny_run_writes_report_and_both_losses_fall(tmp_path):
     text.write_text(TEXT * 40, encoding="utf-8")
     out = tmp_path / "out"
     argv = [
-        "--text", str(text), "--out", str(out), "--no-compile", "--steps", "30",
-        "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "8",
-        "--val-windows", "16", "--evals", "3", "--lr", "1e-2", "--threads", "1",
+        "--text",
+        str(text),
+        "--out",
+        str(out),
+        "--no-compile",
+        "--steps",
+        "30",
+        "--dim",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--val-windows",
+        "16",
+        "--evals",
+        "3",
+        "--lr",
+        "1e-2",
+        "--threads",
+        "1",
     ]
     threads = torch.get_num_threads()
     try:
@@ -52,8 +74,14 @@ def test_tiny_run_writes_report_and_both_losses_fall(tmp_path):
     assert {"adamw", "foam"} <= report.keys()
     for name in ("adamw", "foam"):
         run = report[name]
-        for key in ("val_loss", "train_loss", "optimizer_state_bytes", "tokens_per_s", "config",
-                    "val_curve"):
+        for key in (
+            "val_loss",
+            "train_loss",
+            "optimizer_state_bytes",
+            "tokens_per_s",
+            "config",
+            "val_curve",
+        ):
             assert key in run, (name, key)
         curve = run["val_curve"]
         assert curve[0][0] == 0 and curve[-1][0] == 30
