@@ -22,9 +22,12 @@ the traffic a fused step must move (``foam_compile.cost_model``: read p and g, w
 write each state element once; AdamW's state is in the parameter dtype, as torch keeps it), "GB/s"
 divides it by the median time, and "% copy" relates that to a ``dst.copy_(src)`` of a large
 tensor measured in the same run. ``FOAM/x`` is FOAM's median time over x's (< 1: FOAM is faster).
+"faults/step" counts minor page faults (CPU): a compiled step allocates its temporaries per call,
+and once the C allocator has handed that memory back to the OS each step touches it afresh. On
+CUDA the table adds the growth of ``torch.cuda.max_memory_allocated`` during one step.
 
     python benchmarks/step_bench.py                       # CPU: 60m, float32 and bfloat16
-    python benchmarks/step_bench.py --size 60m 350m --dtype float32 --reps 20
+    python benchmarks/step_bench.py --size 60m 350m --dtype float32 --reps 20 --threads 1
     python benchmarks/step_bench.py --device cuda --size 60m 350m 1b --out table.md
 """
 
@@ -38,6 +41,11 @@ import platform
 import statistics
 import sys
 import time
+
+try:
+    import resource  # minor page faults per step (POSIX)
+except ImportError:  # pragma: no cover
+    resource = None
 
 import torch
 
@@ -65,6 +73,12 @@ def llama_shapes(cfg: dict) -> list[tuple[tuple[int, ...], bool]]:
         shapes += [((h,), False)] * 2
     shapes += [((h,), False), ((vocab, h), False)]
     return shapes
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: first touches of freshly mapped memory, which is
+    what a step pays for buffers allocated per call once the allocator has returned them."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def sync(device: torch.device) -> None:
@@ -152,13 +166,16 @@ def run_case(size, case, dtype, device, args, copy_gbs, rows) -> None:
             mem_growth[impl] = torch.cuda.max_memory_allocated(device) - before
 
     times = {impl: [] for impl in steppers}
+    faults = dict.fromkeys(steppers, 0)
     for _ in range(args.reps):
         for impl, (_, step) in steppers.items():
+            f0 = minor_faults()
             sync(device)
             t = time.perf_counter()
             step()
             sync(device)
             times[impl].append((time.perf_counter() - t) * 1e3)
+            faults[impl] += minor_faults() - f0
 
     foam_ms = statistics.median(times["FOAM compiled"]) if "FOAM compiled" in times else None
     for impl in steppers:
@@ -170,7 +187,7 @@ def run_case(size, case, dtype, device, args, copy_gbs, rows) -> None:
             size=size, case=case, dtype=str(dtype).replace("torch.", ""), impl=impl,
             mparams=n / 1e6, med=med, min=best, mb=nbytes / 1e6, gbs=gbs,
             pct=100 * gbs / copy_gbs, ratio=ratio, first_s=compile_s[impl],
-            mem=mem_growth.get(impl),
+            faults=faults[impl] / args.reps, mem=mem_growth.get(impl),
         ))
         print(format_row(rows[-1]), flush=True)
     del steppers, params
@@ -179,14 +196,15 @@ def run_case(size, case, dtype, device, args, copy_gbs, rows) -> None:
 
 
 HEAD = ("size", "case", "dtype", "Mparams", "impl", "ms/step (median)", "ms (min)", "MB/step",
-        "GB/s", "% copy", "FOAM/x", "1st step s")
+        "GB/s", "% copy", "FOAM/x", "faults/step", "1st step s")
 
 
 def format_row(r: dict, md: bool = False) -> str:
     cells = [
         r["size"], r["case"], r["dtype"], f"{r['mparams']:.1f}", r["impl"], f"{r['med']:.2f}",
         f"{r['min']:.2f}", f"{r['mb']:.0f}", f"{r['gbs']:.1f}", f"{r['pct']:.0f}%",
-        "-" if r["ratio"] is None else f"{r['ratio']:.2f}", f"{r['first_s']:.1f}",
+        "-" if r["ratio"] is None else f"{r['ratio']:.2f}", f"{r['faults']:.0f}",
+        f"{r['first_s']:.1f}",
     ]
     if r.get("mem") is not None:
         cells.append(f"{r['mem'] / 2**20:.0f}")
@@ -238,10 +256,13 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     parser.add_argument("--copy-mb", type=int, default=512, help="size of the copy_ probe")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = args.size or (["60m"] if device.type == "cpu" else ["60m", "350m", "1b"])
     copy_gbs = copy_bandwidth(device, args.copy_mb * 2**20, reps=max(args.reps, 5))
     env = environment(device, copy_gbs)

@@ -280,7 +280,7 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
     gen = torch.Generator().manual_seed(args.seed)  # same batches for both runs
     eval_every = max(1, args.steps // args.evals)
     curve, train_losses = [[0, evaluate(model, val_batches)]], []
-    timed_tokens, timed_s = 0, 0.0
+    timed_tokens, timed_s, compile_s = 0, 0.0, 0.0
     start = time.perf_counter()
     bar = tqdm(range(1, args.steps + 1), desc=f"{name:>5}", unit="step", dynamic_ncols=True)
     for step in bar:
@@ -288,9 +288,9 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
         t0 = time.perf_counter()
         loss = step_fn(x, y).item()
         sched.step()
-        if step == 1:
-            first_step_s = time.perf_counter() - t0  # compiles happen here
-        elif step > 3:  # the first steps include compiling (FOAM converts on the first trace)
+        if step <= 3:  # compiles happen here (FOAM's step compiles on step 2, after converting)
+            compile_s += time.perf_counter() - t0
+        else:
             timed_s += time.perf_counter() - t0
             timed_tokens += x.numel()
         train_losses.append(loss)
@@ -307,7 +307,7 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
         "train_loss": sum(last) / len(last),
         "optimizer_state_bytes": state_bytes(opt),
         "tokens_per_s": timed_tokens / timed_s if timed_s else None,
-        "first_step_s": first_step_s,
+        "first_3_steps_s": compile_s,
         "wall_s": wall_s,
         "parameters": sum(p.numel() for p in model.parameters()),
         "optimizer": type(opt).__name__,
@@ -383,9 +383,9 @@ def write_outputs(out: Path, results: dict, meta: dict) -> str:
             else "n/a",
         ),
         (
-            "first step incl. compile (s)",
-            f"{a['first_step_s']:.1f}",
-            f"{f['first_step_s']:.1f}",
+            "first 3 steps, incl. compiling (s)",
+            f"{a['first_3_steps_s']:.1f}",
+            f"{f['first_3_steps_s']:.1f}",
             "",
         ),
     ]

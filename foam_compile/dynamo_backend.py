@@ -6,10 +6,11 @@ entry point (no import needed). For each captured graph the backend
 1. finds the live optimizers whose tensors the graph holds (by identity, see ``discovery``),
 2. rewrites each stock AdamW/Adam update with the ``fold_adam_states`` pass, which converts the
    optimizer to FOAM (it owns the folded state from then on), and
-3. hands the graph to Inductor.
+3. hands the graph to Inductor; a graph whose compile converted an optimizer runs once, as the
+   rewritten FX graph, without Inductor.
 
 After the conversion Dynamo re-traces the step once (the optimizer's class changed), this time
-tracing FOAM's own step; from then on the steady state has no recompiles (use a tensor lr, or
+tracing FOAM's own step, which Inductor compiles; from then on the steady state has no recompiles (use a tensor lr, or
 ``tensor_lr=True`` which is the backend's default, so that a scheduler does not recompile).
 """
 
@@ -84,6 +85,11 @@ class FoamBackend:
             _convert_lrs_when_this_compile_ends()
         for opt in rewritten:
             log.info("foam: converted %s to FOAM\n%s", type(opt).__name__, _explain(opt))
+        if rewritten and self.inner is None:
+            # This graph runs once: the optimizer's class just changed, so Dynamo's type guard
+            # fails on the next call and re-traces FOAM's own step, which Inductor compiles then.
+            # Compiling this one too would double the cold-start time for a single step.
+            return gm.forward
         return self._inner(gm, example_inputs)
 
     def _inner(self, gm, example_inputs):

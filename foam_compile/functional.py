@@ -1,45 +1,24 @@
-"""The FOAM update as one plain-torch function that eager mode, Dynamo and Inductor all run.
+"""The FOAM update as one function that eager mode, Dynamo and Inductor all run.
 
-Written for Inductor's C++ (CPU) backend; the same code is correct in eager mode and on any
-device. On CUDA, where the Triton kernel is available, :func:`foam_adam_` hands each group of
-tensors to that kernel instead. The math is ALGORITHM.md's and is tested against
-:mod:`foam_compile.reference`; ``tests/test_functional_inductor.py`` pins the generated code.
+One parameter at a time (:func:`_foam_param_`), by the device and the level:
 
-What Inductor (torch 2.13, C++ backend) makes of a folded parameter ``[rows, n]`` at level ``l``
-(block ``B = 2**l``), and why the code below is shaped the way it is:
+* **CUDA**: the whole group goes to the fused Triton kernel (``torch.ops.foam.adam_step_grouped_``).
+* **Levels 1..3 elsewhere** (CPU): ``torch.ops.foam.folded_update_``
+  (:mod:`foam_compile.cpu_lowering`). Eager it runs :func:`_folded_param_` below; under
+  Inductor its own lowering emits two vectorised C++ loop nests that write ``p`` and the state in
+  place and allocate nothing (that module's docstring says why plain torch cannot get there).
+* **Level 0, 1-d parameters, levels above 3**: plain torch here, which Inductor fuses well
+  enough: level 0 is elementwise, and blocks of 16 or more are real (not unrolled) reductions.
 
-* **Bias corrections once per step.** ``beta**t`` lowers to ``std::pow`` inlined into the
-  element loop and re-evaluated for every vector (three ``pow`` calls per 8 elements made
-  compiled AdamW ~4x slower than its memory traffic). A broadcast 0-d value is computed once,
-  before the loop, only when its body holds a "heavy" op (``exp``/``log``/...: Inductor's
-  ``should_realize_on_reuse``), so the corrections are written as ``exp(t * log(beta))``, in
-  float64 so that they are as exact as the reference's Python floats.
-* **Two loop nests, no full-size temporary.** The block nest (``[rows, nb]``) reads ``g`` once per
-  block, writes the new moments and a small ``blk = (m_new - rho*gb, v_use, gb)``
-  (``3/B`` floats per element); ``torch.stack`` guarantees that ``blk`` is realised (Inductor's
-  CPU ``cat`` is always a ``ConcatKernel``), otherwise its inputs would be inlined into the element
-  nest. The element nest runs over ``p``'s own ``[rows, n]`` range (an in-place update of a graph
-  input always iterates the input's shape) and writes ``p`` directly: ``R``, ``M``, ``V`` stay in
-  registers. It reads ``p``, ``g``, 3 scalars and ``3*K`` block values (``K`` blocks per lane
-  group, below), at most 12 loads: one more and Inductor realises the element value into a
-  full-size buffer and copies it into ``p`` (``realize_cpu_acc_reads_threshold = 12``).
-* **No integer-division gathers.** Unfolding ``blk[..., i // B]`` over ``p``'s range gives
-  ``FloorDiv(i, 4)``, which the vectoriser can only load with a scalar gather per lane (and
-  Inductor's loop split only fires for divisors > 8). Instead the element math runs on ``g`` viewed
-  as ``[rows, n/G, G]`` with ``G = 8`` lanes (one AVX2 float vector): the ``K = G/B`` block values
-  of a group are loaded at ``FloorDiv(i, 8)`` (constant within a vector: one broadcast load each)
-  and picked per lane with ``where(lane < B, q0, q1)`` (a blend). For ``B >= 8`` there is one block
-  per group and no blend. A row whose length is not a multiple of ``G`` is padded with zeros;
-  the padding is masked out of the block means (they divide by the elements that exist) and never
-  stored.
-* The partial last block (``n % B != 0``) is the same code: the block nest pads ``g`` to whole
-  blocks and divides each block sum by its own element count.
+The plain-torch folded code is shaped for Inductor's C++ backend all the same (it is what any
+other backend compiles): bias corrections as ``exp(t * log(beta))`` in float64, which Inductor
+computes once per step rather than once per vector (``pow`` is re-evaluated per vector), a block
+nest writing a small table (``torch.stack`` guarantees it is realised), and an element nest over
+``[rows, n/8, 8]`` lanes that picks each lane's block value with ``where`` instead of an integer
+division (which would make the vectoriser gather lane by lane).
 
-One nest for both would need Inductor to fuse a ``[rows, nb]`` loop with a ``[rows, n]`` loop;
-its CPU scheduler only fuses equal ranges, a ``COMPATIBLE_REDUCTION`` (a real, not unrolled,
-reduction over the inner dim: ``B > 8``) or outer loops of equal length, none of which applies at
-``B = 4``. The block nest costs one extra read of ``g`` and ``blk``: about 26 bytes per element
-moved against the ideal 16 (AdamW: 28), with every loop vectorised or scalar-per-block.
+The math is ALGORITHM.md's and is tested against :mod:`foam_compile.reference`;
+``tests/test_functional_inductor.py`` pins the generated code.
 """
 
 from __future__ import annotations
@@ -50,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_lowering
 from .distributed import local_views
 
 __all__ = ["foam_adam_"]
@@ -174,11 +154,29 @@ def _foam_param_(p, g, m, v, vmax, step, level, *, lr, hp, scale):
         step, lr, beta1, beta2, scale if level > 0 else 1.0, compute
     )
     decay = 1 - lr * wd if decoupled else 1.0
+    if level > 0 and cpu_lowering.supports(p, level):
+        _folded_update_op(p, g, m, v, vmax, level, step_size, inv_sqrt_bc2, decay, hp, compute)
+        return
     kw = dict(step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2, decay=decay, hp=hp, compute=compute)
     if level == 0 or p.dim() < 2:
         _adam_param_(p, g, m, v, vmax, **kw)
     else:
         _folded_param_(p, g, m, v, vmax, level, **kw)
+
+
+def _folded_update_op(p, g, m, v, vmax, level, step_size, inv_sqrt_bc2, decay, hp, compute):
+    """The same step through ``torch.ops.foam.folded_update_``: eager it runs
+    :func:`_folded_param_`; under Inductor its own lowering (no per-call block table)."""
+    beta1, beta2, eps, wd, decoupled, _, maximize, rho = hp
+
+    def tensor(x):
+        return x.to(compute) if isinstance(x, Tensor) else torch.tensor(x, dtype=compute)
+
+    torch.ops.foam.folded_update_(
+        p, g, m, v, vmax, tensor(step_size), tensor(inv_sqrt_bc2),
+        None if not decoupled or wd == 0 else tensor(decay), level, beta1, beta2, eps,
+        0.0 if decoupled else float(wd), maximize, rho, cpu_lowering.VERSION,
+    )
 
 
 def _use_triton(tensors: list[Tensor]) -> bool:

@@ -22,6 +22,27 @@ def compiled_step(opt, backend="foam"):
     return step
 
 
+def test_converting_graph_runs_once_without_inductor(fresh_dynamo, monkeypatch):
+    """The graph whose compile converts the optimizer runs once (the class swap re-traces the
+    next call), so Inductor compiles only FOAM's own step: one Inductor compile, not two."""
+    from torch._inductor import compile_fx as inductor
+
+    compiled = []
+    real = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, ex, **kw: compiled.append(gm) or real(gm, ex, **kw))
+    model, ref_model = tiny_model(), tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    ref = FOAM(ref_model.parameters(), lr=0.02, level=2)
+    step = compiled_step(opt)
+    for i, (x, y) in enumerate(batches(3)):
+        set_grads(model, x, y)
+        set_grads(ref_model, x, y)
+        step()
+        ref.step()
+        assert len(compiled) == (0 if i == 0 else 1), f"step {i + 1}: {len(compiled)} compiles"
+    assert max_rel_diff(model.parameters(), ref_model.parameters()) < 1e-5
+
+
 @pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
 def test_compiled_stock_optimizer_matches_eager_foam(cls, foreach, fresh_dynamo):
