@@ -13,18 +13,20 @@ which 27 ms were page faults; the same code in a process that never returns memo
 The lowering below builds the two loop nests itself (``ir.Pointwise`` written into the inputs
 with ``mutate_to``, as Inductor's own ``copy_`` does), so no heuristic applies:
 
-1. **element nest** over ``p``'s range: per vector of ``LANES`` elements, the ``K = LANES / B``
-   block sums of ``g`` and ``g**2`` (scalar loads, uniform across the vector: the index is
-   ``FloorDiv(x, LANES)``), the old moments, the new block moments in registers, each lane's
-   block picked by ``where(lane < B*(j+1), ...)``, then ``R``, ``M``, ``V`` and ``p`` stored;
-2. **block nest** over the folded state: the same block sums, the new moments stored.
+1. **block nest** over the folded state: each block's mean of ``g`` and ``g**2`` from its
+   ``B`` elements, the new moments stored in place (scalar code: one block per iteration);
+2. **element nest** over ``p``'s range, vectorised: per vector of ``LANES`` elements, the
+   ``K = LANES / B`` block means of ``g`` (scalar loads at ``FloorDiv(x, LANES)``, uniform across
+   the vector, then broadcast), the new moments just stored, each lane's block picked by
+   ``where(lane < B*(j+1), ...)``, then ``R``, ``M``, ``V`` and ``p`` stored.
 
-The element nest reads the *old* moments, so it must run before the block nest overwrites them:
-Inductor's scheduler orders a read of a buffer before that buffer's mutation. Traffic per element
-at level 2: ``p`` read and written, ``g`` read twice, state read twice and written once at a
-quarter size: 22 bytes (the ideal single pass: 16; AdamW: 28). No allocation at all.
+Traffic per element at level 2: ``p`` read and written, ``g`` read twice, the state read twice
+and written once at a quarter size: 22 bytes (the ideal single pass: 16; AdamW: 28). Nothing is
+allocated. Measured on 2 CPU cores, one 4096x4096 float32 parameter: 15.4 ms per step, against
+42.2 ms for compiled AdamW and 13.0 ms for torch's fused CPU AdamW.
 
-Eager, and anywhere the lowering is not used (other devices, an Inductor whose internals differ),
+Eager, and anywhere the lowering does not apply (symbolic shapes under ``dynamic=True``, other
+devices, an Inductor whose internals differ: Inductor then calls the op as an extern kernel),
 the op runs the plain-torch code of :mod:`foam_compile.functional`: same math, same results.
 Levels above :data:`MAX_LEVEL` do not use the op: their blocks are wide enough for Inductor's
 real (not unrolled) reductions.
@@ -159,15 +161,6 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
         loader, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt_bc2, decay)
     )
 
-    load_p_before = load_p
-    if coupled_weight_decay != 0.0:
-        # Adam's coupled decay puts p into the block sums, which the state nest recomputes after
-        # p is overwritten: it reads a copy of the old p (the one full-size temporary, Adam only).
-        copy = ir.Pointwise.create(device=param.get_device(), dtype=param.get_dtype(),
-                                   inner_fn=param.make_loader(), ranges=list(param.get_size()))
-        copy.realize()
-        load_p_before = loader(copy)
-
     def const(x):
         return ops.constant(x, compute)
 
@@ -177,11 +170,11 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
         if maximize:
             x = ops.neg(x)
         if coupled_weight_decay != 0.0:
-            x = ops.add(x, ops.mul(const(coupled_weight_decay), load_p_before([*lead, e])))
+            x = ops.add(x, ops.mul(const(coupled_weight_decay), load_p([*lead, e])))
         return x
 
-    def block_moments(lead, b):
-        """``(gb, qb, m_new, v_new, v_use)`` of block ``b`` (a sympy index), from the old state."""
+    def block_means(lead, b, squares: bool):
+        """``gb`` (and ``qb`` with ``squares``) of block ``b``, a sympy index, from g."""
         s = q = None
         for i in range(block):
             e = b * block + i
@@ -190,28 +183,42 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
                 inside = ops.lt(ops.index_expr(e, torch.int64), ops.constant(n, torch.int64))
                 x = ops.where(inside, x, const(0.0))
             s = x if s is None else ops.add(s, x)
-            q = ops.mul(x, x) if q is None else ops.add(q, ops.mul(x, x))
+            if squares:
+                q = ops.mul(x, x) if q is None else ops.add(q, ops.mul(x, x))
         if ragged:
-            count = ops.to_dtype(ops.index_expr(sympy.Min(block, n - b * block), torch.int64), compute)
-            gb, qb = ops.truediv(s, count), ops.truediv(q, count)
-        else:
-            gb, qb = ops.mul(s, const(1.0 / block)), ops.mul(q, const(1.0 / block))
-        m_new = ops.add(ops.mul(load_m([*lead, b]), const(beta1)),
-                        ops.mul(gb, const(1.0 - beta1)))
-        v_new = ops.add(ops.mul(load_v([*lead, b]), const(beta2)),
-                        ops.mul(qb, const(1.0 - beta2)))
-        v_use = v_new
-        if load_vmax is not None:
-            v_use = ops.maximum(load_vmax([*lead, b]), v_new)
-        return gb, qb, m_new, v_new, v_use
+            count = ops.index_expr(sympy.Min(block, n - b * block), torch.int64)
+            count = ops.to_dtype(count, compute)
+            return ops.truediv(s, count), q and ops.truediv(q, count)
+        return ops.mul(s, const(1.0 / block)), q and ops.mul(q, const(1.0 / block))
+
+    def new_moment(lead, b, which):
+        """The new ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` of block ``b``, from the old."""
+        gb, qb = block_means(lead, b, squares=which != "m")
+        if which == "m":
+            return ops.add(ops.mul(load_m([*lead, b]), const(beta1)),
+                           ops.mul(gb, const(1.0 - beta1)))
+        v_new = ops.add(ops.mul(load_v([*lead, b]), const(beta2)), ops.mul(qb, const(1.0 - beta2)))
+        return ops.maximum(load_vmax([*lead, b]), v_new) if which == "vmax" else v_new
+
+    def new_state(which, dtype):
+        def inner(index):
+            *lead, b = index
+            return ops.to_dtype(new_moment(lead, b, which), dtype)
+
+        return inner
+
+    load_v_use = load_vmax if load_vmax is not None else load_v
 
     def new_param(index):
+        """Runs after the state stores: ``m`` and ``v`` (or ``vmax``) hold the new moments."""
         *lead, x = index
         lane = ops.index_expr(ModularIndexing(x, 1, lanes), torch.int64)
         per_block = []
         for j in range(k):
             b = FloorDiv(x, lanes) * k + j
-            per_block.append(block_moments(lead, sympy.Min(b, nb - 1) if ragged else b))
+            b = sympy.Min(b, nb - 1) if ragged else b
+            per_block.append((block_means(lead, b, squares=False)[0], load_m([*lead, b]),
+                              load_v_use([*lead, b])))
 
         def pick(i):  # this lane's block
             out = per_block[k - 1][i]
@@ -220,7 +227,7 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
                 out = ops.where(first, per_block[j][i], out)
             return out
 
-        gb, m_new, v_use = pick(0), pick(2), pick(4)
+        gb, m_new, v_use = pick(0), pick(1), pick(2)
         r = ops.sub(grad_at(lead, x), gb)
         big_m = ops.add(m_new, ops.mul(const(res_scale), r))
         big_v = ops.add(v_use, ops.mul(const(res_scale * res_scale), ops.mul(r, r)))
@@ -231,28 +238,21 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
         update = ops.truediv(ops.mul(load_ss([]), big_m), denom)
         return ops.to_dtype(ops.sub(p, update), param.get_dtype())
 
-    def new_state(which, dtype):
-        def inner(index):
-            *lead, b = index
-            return ops.to_dtype(block_moments(lead, b)[which], dtype)
-
-        return inner
-
     device = param.get_device()
     state_sizes = [*sizes[:-1], nb]
 
     def pointwise(fn, dtype, ranges):
         return ir.Pointwise.create(device=device, dtype=dtype, inner_fn=fn, ranges=ranges)
 
-    # Each store must come after every node that reads the old value it overwrites (a node
-    # created after ``mutate_to(x, ...)`` reads the new ``x``): the parameter reads all the old
-    # moments; ``max_exp_avg_sq``'s new value reads the old ``exp_avg_sq``, so it goes first.
-    mutate_to(param, pointwise(new_param, param.get_dtype(), sizes))
-    order = [(exp_avg, 2), (max_exp_avg_sq, 4), (exp_avg_sq, 3)]
-    for state, which in order:
+    # Order is meaning here: a node reads a buffer as it stands when the node is created, before
+    # or after a ``mutate_to`` of it, and Inductor's scheduler keeps that order. ``vmax`` reads
+    # the old ``v``, so it is stored before ``v``; the parameter reads the new moments (and the
+    # old ``p`` for Adam's coupled decay, which every state node read before ``p`` changes).
+    for state, which in ((exp_avg, "m"), (max_exp_avg_sq, "vmax"), (exp_avg_sq, "v")):
         if state is not None:
             dtype = state.get_dtype()
             mutate_to(state, pointwise(new_state(which, dtype), dtype, state_sizes))
+    mutate_to(param, pointwise(new_param, param.get_dtype(), sizes))
     return None
 
 

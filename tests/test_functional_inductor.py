@@ -1,8 +1,8 @@
 """What Inductor's C++ backend makes of the FOAM step (issue 4, CPU part).
 
 The generated code of a compiled ``FOAM.step`` is pinned for a level-2 parameter: two loop nests
-(the elementwise update over the parameter, vectorised, its block sums from scalar loads that are
-uniform across a vector; then the block moments), no scalar gathers (``tmpbuf``), nothing
+(the block moments; then the elementwise update over the parameter, vectorised, its block sums
+from scalar loads that are uniform across a vector), no scalar gathers (``tmpbuf``), nothing
 allocated per call but the 0-d step scalars, bias corrections computed once per step. A second
 test compiles a step over parameters of every kind (partial last blocks, 3-d, levels 0/1/2/3,
 amsgrad, maximize, coupled decay, bf16) and holds it to the float64 model (``float64_model``)
@@ -96,14 +96,14 @@ def test_level2_update_is_two_loop_nests_without_gathers_or_temporaries(dtype, f
     # Bias corrections (exp of t*log(beta)) are computed once, outside every loop nest.
     loops = parallel_loops(src)
     assert "std::exp" in src and all("std::exp" not in body for body in loops)
-    # Two loop nests: the parameter's own [64, 128] range, then the 2048 blocks.
+    # Two loop nests: the 2048 blocks (new moments), then the parameter's own [64, 128] range.
     assert len(loops) == 2, src
     headers = re.findall(r"for\(int64_t (x\d)=\S+; x\d<static_cast<int64_t>\((\d+)L\); "
                          r"x\d\+=static_cast<int64_t>\((\d+)L\)", src)
-    assert [(v, int(size)) for v, size, _ in headers] == [("x0", rows), ("x1", n), ("x0", 2048)]
+    assert [(v, int(size)) for v, size, _ in headers] == [("x0", 2048), ("x0", rows), ("x1", n)]
     if vectorised_cpu():
-        assert int(headers[1][2]) > 1, "the element loop is not vectorised"
-        element = loops[0]
+        assert int(headers[2][2]) > 1, "the element loop is not vectorised"
+        element = loops[1]
         assert "::loadu" in element and "blendv" in element
     # p and the moments are written in place: nothing is allocated per call but 0-d scalars.
     assert allocations(code) == []
