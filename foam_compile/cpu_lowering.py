@@ -126,7 +126,8 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
     from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
     sizes = list(param.get_size())
-    if param.get_device().type != "cpu" or not all(isinstance(s, (int, sympy.Integer)) for s in sizes):
+    static = all(isinstance(s, (int, sympy.Integer)) for s in sizes)
+    if param.get_device().type != "cpu" or not static:
         # Symbolic shapes (dynamic=True) or another device: Inductor calls the op as it is.
         from torch._inductor.lowering import fallback_handler
 
@@ -165,7 +166,7 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
         return ops.constant(x, compute)
 
     def grad_at(lead, e):
-        """The gradient the moments see at element ``e``: negated for maximize, plus Adam's decay."""
+        """The gradient the moments see at element ``e``: maximize's sign, Adam's decay."""
         x = load_g([*lead, e])
         if maximize:
             x = ops.neg(x)

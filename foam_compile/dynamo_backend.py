@@ -10,8 +10,9 @@ entry point (no import needed). For each captured graph the backend
    rewritten FX graph, without Inductor.
 
 After the conversion Dynamo re-traces the step once (the optimizer's class changed), this time
-tracing FOAM's own step, which Inductor compiles; from then on the steady state has no recompiles (use a tensor lr, or
-``tensor_lr=True`` which is the backend's default, so that a scheduler does not recompile).
+tracing FOAM's own step, which Inductor compiles; from then on the steady state has no
+recompiles (use a tensor lr, or ``tensor_lr=True`` which is the backend's default, so that a
+scheduler does not recompile).
 """
 
 from __future__ import annotations

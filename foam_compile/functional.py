@@ -170,7 +170,9 @@ def _folded_update_op(p, g, m, v, vmax, level, step_size, inv_sqrt_bc2, decay, h
     beta1, beta2, eps, wd, decoupled, _, maximize, rho = hp
 
     def tensor(x):
-        return x.to(compute) if isinstance(x, Tensor) else torch.tensor(x, dtype=compute, device=p.device)
+        if isinstance(x, Tensor):
+            return x.to(compute)
+        return torch.tensor(x, dtype=compute, device=p.device)
 
     torch.ops.foam.folded_update_(
         p, g, m, v, vmax, tensor(step_size), tensor(inv_sqrt_bc2),
