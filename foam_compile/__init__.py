@@ -2,13 +2,15 @@
 
 ``torch.compile(step, backend="foam")`` runs a stock AdamW/Adam step as FOAM; ``convert`` does
 the same without a compile; ``FOAM`` is the optimizer for new code; ``plan`` picks fold levels.
+
+Importing the package is cheap: Dynamo, Inductor, sympy and Triton load when first needed
+(``backend``, the planner and cost model, a CUDA parameter).
 """
 
+import importlib
+
 from .convert import convert, explain, export_adamw_state_dict, is_converted
-from .cost_model import ErrorMeter, cost
-from .dynamo_backend import backend
 from .optimizer import FOAM
-from .planner import AutoTuner, Plan, plan, plan_params
 from .reference import fold, folded_shape, reference_step, unfold
 
 __all__ = [
@@ -30,3 +32,26 @@ __all__ = [
     "unfold",
 ]
 __version__ = "0.1.0"
+
+# Public names whose modules are heavy to import, loaded on first use.
+_LAZY = {
+    "backend": "dynamo_backend",
+    "AutoTuner": "planner",
+    "Plan": "planner",
+    "plan": "planner",
+    "plan_params": "planner",
+    "ErrorMeter": "cost_model",
+    "cost": "cost_model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'foam_compile' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

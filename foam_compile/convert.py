@@ -17,23 +17,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import backends, checkpoint
+from .checkpoint import export_adamw_state_dict
 from .discovery import parameter_names
-from .distributed import fold, local_numel, unfold
-from .optimizer import (
-    _MOMENTS,
-    FOAM,
-    FOAM_DEFAULTS,
-    _check_autotune,
-    check_hyperparameters,
-    check_params,
-    state_dtype,
-)
+from .distributed import local_numel
+from .families import Family, family_of, supported_names
+from .hyper import GROUP_DEFAULTS, check_options
+from .optimizer import FOAM, _check_autotune, _int_level, check_autotune, check_params
 from .policy import KEEP_UNFOLDED, choose_levels
-from .reference import folded_shape
+from .state import DEFAULT_FORMAT, get_format
 
 __all__ = ["convert", "is_converted", "export_adamw_state_dict", "explain", "Explanation"]
 
-SUPPORTED = (torch.optim.Adam, torch.optim.AdamW)
 _FOAM_CLASSES: dict[type, type] = {}
 
 
@@ -86,39 +81,47 @@ def convert(
     """
     if isinstance(optimizer, FOAM):
         return optimizer
-    if not isinstance(optimizer, SUPPORTED):
+    family = family_of(optimizer)
+    if family is None:
         raise TypeError(
-            f"foam_compile.convert: {type(optimizer).__name__} is not torch.optim.Adam or "
-            "torch.optim.AdamW; FOAM folds Adam's two moments. For new code use "
-            "foam_compile.FOAM(params, ...)."
+            f"foam_compile.convert: {type(optimizer).__name__} is not one of {supported_names()}; "
+            "FOAM folds Adam's two moments. For new code use foam_compile.FOAM(params, ...)."
         )
+    where = "foam_compile.convert"
+    check_options(where, level=level, scale=scale, res_scale=res_scale)
     given = {"level": level, "scale": scale, "res_scale": res_scale}
     group_options = [
-        {k: v if v is not None else g.get(k, FOAM_DEFAULTS[k]) for k, v in given.items()}
+        {k: v if v is not None else g.get(k, GROUP_DEFAULTS[k]) for k, v in given.items()}
         for g in optimizer.param_groups
     ]
-    for group, options in zip(optimizer.param_groups, group_options):
-        check_hyperparameters({**group, **options}, where="foam_compile.convert")
+    hypers = [
+        family.hyper({**group, **options}, where)
+        for group, options in zip(optimizer.param_groups, group_options)
+    ]
     check_params(optimizer.param_groups)
+    check_autotune(
+        where, auto=any(o["level"] == "auto" for o in group_options), budget=budget,
+        max_error=max_error, calibration_steps=calibration_steps,
+    )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     chosen = choose_levels(
         params, lambda p: _int_level(group_options[group_of[id(p)]]["level"]),
         model=model, levels=levels, keep_unfolded=keep_unfolded,
     )
-    decoupled = isinstance(optimizer, torch.optim.AdamW)
 
     # Build every new state first: a bad moment raises before the optimizer changes.
     new_states = {}
-    for gi, group in enumerate(optimizer.param_groups):
+    for gi, (group, hp) in enumerate(zip(optimizer.param_groups, hypers)):
         for pi, p in enumerate(group["params"]):
-            new_states[p] = _folded_state(optimizer, p, group, chosen[id(p)], gi, pi)
+            new_states[p] = _foam_state(optimizer, family, p, group, hp, chosen[id(p)], gi, pi)
 
     optimizer.__class__ = foam_class_for(type(optimizer))
-    defaults = {k: v if v is not None else FOAM_DEFAULTS[k] for k, v in given.items()}
-    for group, options in zip([*optimizer.param_groups, optimizer.defaults], [*group_options, defaults]):
+    defaults = {k: v if v is not None else GROUP_DEFAULTS[k] for k, v in given.items()}
+    all_groups = [*optimizer.param_groups, optimizer.defaults]
+    for group, options, hp in zip(all_groups, [*group_options, defaults], [*hypers, hypers[0]]):
         group.update(options)
-        group["decoupled_weight_decay"] = decoupled or bool(group.get("decoupled_weight_decay"))
+        group["decoupled_weight_decay"] = hp.decoupled_weight_decay
         group["fused"] = False  # FOAM's step replaces the fused kernel; keeps load casts right
         if tensor_lr and not isinstance(group.get("lr"), Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
@@ -128,39 +131,24 @@ def convert(
         budget=budget, max_error=max_error, steps=calibration_steps, model=model,
         keep_unfolded=keep_unfolded,
     )
-    _check_autotune(optimizer)
+    _check_autotune(optimizer, where)
     _rebind_scheduler_wrapper(optimizer)
     optimizer._patch_step_function()  # step hooks run for the new class too
+    backends.prepare(params)
     return optimizer
 
 
-def _int_level(level) -> int:
-    return 0 if level == "auto" else level  # 'auto' runs as AdamW until calibrated
-
-
-def _folded_state(opt, p: Tensor, group: dict, level: int, gi: int, pi: int) -> dict:
+def _foam_state(opt, family: Family, p: Tensor, group, hp, level, gi: int, pi: int) -> dict:
+    """``p``'s state as FOAM's: fresh, or the stock/FOAM state it has, folded and checked."""
     old = opt.state.get(p)
+    moments = family.moments(hp)
     if not old:
-        return FOAM._new_state(opt, p, {**group, "amsgrad": group.get("amsgrad", False)}, level)
-    state = dict(old)
-    if "foam_level" in old:  # folded state already (a FOAM checkpoint loaded into a stock class)
-        level, expected, convert = old["foam_level"], folded_shape(p.shape, old["foam_level"]), False
-    else:
-        expected, convert = tuple(p.shape), True
-    for key in _MOMENTS:
-        if key not in old:
-            continue
-        if tuple(old[key].shape) != expected:
-            raise ValueError(
-                f"foam_compile.convert: '{key}' of parameter {pi} of param group {gi} has shape "
-                f"{list(old[key].shape)}, expected {list(expected)}"
-            )
-        if convert:
-            state[key] = fold(old[key].to(state_dtype(p)), level).contiguous()
-    if "step" in state and not isinstance(state["step"], Tensor):
-        state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-    state["foam_level"] = level
-    return state
+        fmt = get_format(DEFAULT_FORMAT)
+        return checkpoint.new_state(p, level, moments, fmt, checkpoint.step_device(p, group))
+    return checkpoint.to_foam_state(
+        p, old, level=level, moments=moments, where="foam_compile.convert",
+        what=checkpoint.describe(p, gi, pi),
+    )
 
 
 def _rebind_scheduler_wrapper(opt: torch.optim.Optimizer) -> None:
@@ -180,32 +168,6 @@ def _rebind_scheduler_wrapper(opt: torch.optim.Optimizer) -> None:
 
     wrapper._wrapped_by_lr_sched = True
     opt.step = wrapper
-
-
-def export_adamw_state_dict(optimizer: torch.optim.Optimizer) -> dict:
-    """A stock ``torch.optim.AdamW``/``Adam`` state dict of a FOAM optimizer.
-
-    Each folded moment is unfolded to full size (every element gets its block's mean), so that
-    ``fold(unfold(m)) == m`` and re-importing into FOAM is exact. FOAM keys are dropped.
-    """
-    sd = optimizer.state_dict()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {pid: p for g, sg in zip(optimizer.param_groups, sd["param_groups"])
-             for pid, p in zip(sg["params"], g["params"])}
-    state = {}
-    for pid, st in sd["state"].items():
-        p = index[pid]
-        st = dict(st)
-        level = st.pop("foam_level", 0)
-        n = p.shape[-1] if p.dim() else 1
-        for key in _MOMENTS:
-            if key in st:
-                st[key] = unfold(st[key], level, n).reshape(p.shape).clone()
-        state[pid] = st
-    groups = [{k: v for k, v in g.items() if k not in (*FOAM_DEFAULTS, "decoupled_weight_decay")}
-              for g in sd["param_groups"]]
-    del params
-    return {"state": state, "param_groups": groups}
 
 
 @dataclass
@@ -248,7 +210,11 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
         for pi, p in enumerate(group["params"]):
             st = optimizer.state.get(p, {})
             level = st.get("foam_level", 0)
-            foam = sum(local_numel(st[k]) * st[k].element_size() for k in _MOMENTS if k in st)
+            foam = sum(
+                local_numel(t) * t.element_size()
+                for k, t in st.items()
+                if isinstance(t, Tensor) and k != "step"
+            )
             adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
             rows.append((names.get(id(p), f"group{gi}.param{pi}"), tuple(p.shape), level, foam, adam))
     return Explanation(rows)

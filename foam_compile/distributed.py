@@ -24,16 +24,20 @@ gradient, so every rank runs the same FOAM step.
 
 Where the package calls this module (see the docstring of each function):
 
-- ``FOAM._new_state`` creates moments with :func:`zeros_folded`;
-- ``foam_adam_`` runs on :func:`local_views` of its tensor lists;
-- ``convert``, ``set_levels``, ``load_state_dict`` and ``export_adamw_state_dict`` fold and
-  unfold with :func:`fold` / :func:`unfold` (drop-in for ``reference.fold`` / ``unfold``), and
-  ``load_state_dict`` places loaded moments with :func:`like_param`.
+- state formats create moments with :func:`zeros_folded` (``state.StateFormat.zeros``);
+- ``foam_adam_`` runs on :func:`local_states` of its parameters, gradients and states;
+- the checkpoint migrations (``checkpoint.py``) fold and unfold with :func:`fold` /
+  :func:`unfold` (drop-in for ``reference.fold`` / ``unfold``) and place loaded moments with
+  :func:`like_param`.
+
+``torch.distributed.tensor`` is imported only when a ``DTensor`` can exist: no tensor is one
+before that module is loaded, so plain training never pays for the import.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -49,22 +53,25 @@ __all__ = [
     "like_param",
     "local",
     "local_numel",
-    "local_views",
+    "local_states",
     "unfold",
     "zeros_folded",
 ]
 
-try:  # torch.distributed may be compiled out (some macOS/Windows builds)
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover
-    DTensor = compute_local_shape_and_global_offset = None
-
-_STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # foam_adam_'s order
-
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a ``DTensor`` (without importing ``torch.distributed.tensor``)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local_shape(global_shape, like: Tensor) -> tuple[int, ...]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, _ = compute_local_shape_and_global_offset(
+        torch.Size(global_shape), like.device_mesh, like.placements
+    )
+    return tuple(local_shape)
 
 
 def local(t: Tensor | None) -> Tensor | None:
@@ -159,6 +166,8 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 
 def _wrap_like(local_tensor: Tensor, like: Tensor, global_shape: Sequence[int]) -> Tensor:
     """A ``DTensor`` on ``like``'s mesh and placements whose local part is ``local_tensor``."""
+    from torch.distributed.tensor import DTensor
+
     global_shape = torch.Size(global_shape)
     out = DTensor.from_local(
         local_tensor,
@@ -171,10 +180,8 @@ def _wrap_like(local_tensor: Tensor, like: Tensor, global_shape: Sequence[int]) 
     # torch.distributed.checkpoint finds each rank's chunk from the global shape and placements;
     # a local tensor of another size would be saved to the wrong place. check_foldable makes this
     # impossible; keep the check so that a layout we did not foresee fails loudly.
-    expected, _ = compute_local_shape_and_global_offset(
-        global_shape, like.device_mesh, like.placements
-    )
-    if tuple(expected) != tuple(local_tensor.shape):
+    expected = _local_shape(global_shape, like)
+    if expected != tuple(local_tensor.shape):
         raise RuntimeError(
             f"FOAM: folded state of local shape {list(local_tensor.shape)} does not match the "
             f"shard {list(expected)} that placements {tuple(like.placements)} give the global "
@@ -225,10 +232,7 @@ def _local_size(n: int, y: Tensor, dim: int) -> int:
     """This rank's size of a global dim ``dim`` of length ``n`` under ``y``'s placements."""
     shape = list(y.shape)
     shape[dim] = n
-    local_shape, _ = compute_local_shape_and_global_offset(
-        torch.Size(shape), y.device_mesh, y.placements
-    )
-    return local_shape[dim]
+    return _local_shape(shape, y)[dim]
 
 
 def unfold(y: Tensor, level: int, n: int) -> Tensor:
@@ -274,38 +278,35 @@ def like_param(value: Tensor, p: Tensor, level: int = 0) -> Tensor:
     return distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
 
 
-def local_views(
-    params: list[Tensor],
-    grads: list[Tensor],
-    *states: list[Tensor],
-) -> tuple[list[Tensor], ...]:
-    """The local tensors of FOAM's per-parameter lists, for the update math.
+def local_states(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict]
+) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+    """The local tensors of FOAM's parameters, gradients and states, for the update math.
 
     Plain tensors pass through. For a ``DTensor`` parameter the gradient and every state tensor
-    must be ``DTensor``s with the parameter's placements (else a local view would pair rows of
-    different shards, a silently wrong update): checked here, with an error that says which.
-    Wired at the top of ``foam_adam_``::
-
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = local_views(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    (but the 0-d ``step``) must be ``DTensor``s with the parameter's placements (else a local
+    view would pair rows of different shards, a silently wrong update): checked here, with an
+    error that says which.
     """
     if not any(is_dtensor(p) for p in params):
-        return (params, grads, *states)
-    for i, p in enumerate(params):
-        if not is_dtensor(p):
-            continue
-        others = [("gradient", grads[i])] + [
-            (_STATE_NAMES[k] if k < len(_STATE_NAMES) else f"state {k}", s[i])
-            for k, s in enumerate(states)
-            if len(s) > i
-        ]
-        for role, t in others:
-            if not is_dtensor(t) or tuple(t.placements) != tuple(p.placements):
-                got = tuple(t.placements) if is_dtensor(t) else "a plain tensor"
-                raise RuntimeError(
-                    f"FOAM: {_name_of(p, None)} is a DTensor with placements "
-                    f"{tuple(p.placements)} but its {role} is {got}; FOAM's state must be "
-                    "sharded like its parameter. Create the optimizer after fully_shard(), and "
-                    "load checkpoints with torch.distributed.checkpoint or load_state_dict()."
-                )
-    return tuple([local(t) for t in lst] for lst in (params, grads, *states))
+        return list(params), list(grads), list(states)
+    out_params, out_grads, out_states = [], [], []
+    for p, g, st in zip(params, grads, states):
+        if is_dtensor(p):
+            others = [("gradient", g)] + [
+                (key, t) for key, t in st.items() if isinstance(t, Tensor) and key != "step"
+            ]
+            for role, t in others:
+                if not is_dtensor(t) or tuple(t.placements) != tuple(p.placements):
+                    got = tuple(t.placements) if is_dtensor(t) else "a plain tensor"
+                    raise RuntimeError(
+                        f"FOAM: {_name_of(p, None)} is a DTensor with placements "
+                        f"{tuple(p.placements)} but its {role} is {got}; FOAM's state must be "
+                        "sharded like its parameter. Create the optimizer after fully_shard(), "
+                        "and load checkpoints with torch.distributed.checkpoint or "
+                        "load_state_dict()."
+                    )
+        out_params.append(local(p))
+        out_grads.append(local(g))
+        out_states.append({k: local(v) if is_dtensor(v) else v for k, v in st.items()})
+    return out_params, out_grads, out_states

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, fx, nn
 
-from .convert import SUPPORTED, convert
-from .discovery import live_optimizers, optimizers_owning
-from .optimizer import FOAM
+from . import compile_hooks
+from .discovery import optimizers_owning
+from .families import family_of, supported_names
+from .hyper import check_options
+from .optimizer import FOAM, check_autotune
 from .passes.fold_adam_states import fold_adam_states, graph_tensors
 from .policy import KEEP_UNFOLDED
 
@@ -62,6 +63,12 @@ class FoamBackend:
         max_error: float | None = None,
         calibration_steps: int = 8,
     ):
+        where = "foam_compile.backend"
+        check_options(where, level=level, scale=scale, res_scale=res_scale)
+        check_autotune(
+            where, auto=level == "auto", budget=budget, max_error=max_error,
+            calibration_steps=calibration_steps,
+        )
         self.convert_options = dict(
             level=level, scale=scale, res_scale=res_scale, levels=levels, model=model,
             keep_unfolded=keep_unfolded, budget=budget, max_error=max_error,
@@ -72,7 +79,7 @@ class FoamBackend:
         self.inner = inner
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        _install_compile_start_hook()  # torch._dynamo.reset() clears it
+        compile_hooks.install()  # torch._dynamo.reset() clears the callbacks
         tensors = list(graph_tensors(gm, example_inputs).values())
         if self.optimizers is not None:
             ids = {id(t) for t in tensors}
@@ -82,8 +89,7 @@ class FoamBackend:
         self._check(found)
         rewritten = fold_adam_states(gm, example_inputs, found, **self.convert_options)
         if rewritten and self.tensor_lr:
-            _TENSOR_LR_PENDING.update(rewritten)
-            _convert_lrs_when_this_compile_ends()
+            compile_hooks.make_lrs_tensors_after_this_compile(rewritten)
         for opt in rewritten:
             log.info("foam: converted %s to FOAM\n%s", type(opt).__name__, _explain(opt))
         if rewritten and self.inner is None:
@@ -106,20 +112,21 @@ class FoamBackend:
             if isinstance(opt, FOAM):
                 continue
             name = type(opt).__name__
-            if isinstance(opt, SUPPORTED) and any(g.get("fused") for g in opt.param_groups):
+            known = family_of(opt) is not None
+            if known and any(g.get("fused") for g in opt.param_groups):
                 _warn_once(
                     opt, "fused",
                     f"backend='foam': torch.optim.{name}(fused=True) is never traced by "
                     "torch.compile, so its step still runs plain Adam. Fix: call "
                     "foam_compile.convert(optimizer) once after creating it.",
                 )
-            elif not isinstance(opt, SUPPORTED) and opt.state:
+            elif not known and opt.state:
                 _warn_once(
                     opt, "unknown",
-                    f"backend='foam': no FOAM rewrite for {name} (only torch.optim.AdamW and "
-                    "Adam); its step is compiled unchanged by Inductor.",
+                    f"backend='foam': no FOAM rewrite for {name} (only {supported_names()}); "
+                    "its step is compiled unchanged by Inductor.",
                 )
-            elif isinstance(opt, SUPPORTED):
+            elif known:
                 _remind_if_stepped_eagerly(opt)
 
 
@@ -169,69 +176,4 @@ def foam_backend(gm: fx.GraphModule, example_inputs):
     return FoamBackend()(gm, example_inputs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Resuming a FOAM checkpoint in an unchanged script: a stock AdamW that loaded folded state
-# would be traced by Dynamo with its stock step and fail on the folded shapes before any backend
-# runs. Dynamo runs start callbacks before it traces a frame; there we convert such optimizers,
-# so the trace sees FOAM's step. Registered when this module is imported, which the entry point
-# does when ``backend="foam"`` is looked up.
-
-
-# Dynamo builds the guards of a graph from the live objects *after* the backend returns, so the
-# backend must not turn a float lr into a tensor while it compiles (a float guard would meet a
-# tensor). It does so when the compile ends: the next call fails the lr guard once and traces a
-# tensor lr, and from then on a scheduler's in-place update of the tensor recompiles nothing.
-_TENSOR_LR_PENDING: weakref.WeakSet = weakref.WeakSet()
-
-
-def _make_lrs_tensors() -> None:
-    for opt in list(_TENSOR_LR_PENDING):
-        for group in opt.param_groups:
-            if not isinstance(group["lr"], Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
-        _TENSOR_LR_PENDING.discard(opt)
-
-
-@torch.compiler.disable  # runs inside Dynamo's callback lock: Dynamo must not trace it
-def on_compile_start(*_args) -> None:
-    convert_stock_optimizers_holding_folded_state()
-
-
-def convert_stock_optimizers_holding_folded_state() -> list[torch.optim.Optimizer]:
-    converted = []
-    for opt in live_optimizers():
-        if isinstance(opt, FOAM) or not isinstance(opt, SUPPORTED):
-            continue
-        if any("foam_level" in st for st in opt.state.values()):
-            levels = {p: st["foam_level"] for p, st in opt.state.items() if "foam_level" in st}
-            convert(opt, levels=levels)  # group options come from the loaded param groups
-            log.warning(
-                "foam: %s held FOAM's folded state (a FOAM checkpoint loaded into a stock "
-                "optimizer); converted it to FOAM before tracing.", type(opt).__name__,
-            )
-            converted.append(opt)
-    return converted
-
-
-def _install_compile_start_hook() -> None:
-    try:
-        from torch._dynamo.callback import callback_handler
-    except ImportError:  # pragma: no cover - older torch: the unchanged-script rescue is off
-        return
-    if on_compile_start not in callback_handler.start_callbacks:
-        callback_handler.register_start_callback(on_compile_start)
-
-
-def _convert_lrs_when_this_compile_ends() -> None:
-    from torch._dynamo.callback import callback_handler
-
-    @torch.compiler.disable
-    def once(*_args):
-        _make_lrs_tensors()
-        if once in callback_handler.end_callbacks:
-            callback_handler.end_callbacks.remove(once)
-
-    callback_handler.register_end_callback(once)
-
-
-_install_compile_start_hook()
+compile_hooks.install()

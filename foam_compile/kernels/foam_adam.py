@@ -75,11 +75,10 @@ from torch.library import wrap_triton
 __all__ = [
     "MAX_LEVEL",
     "SUPPORTED_DTYPES",
-    "effective_level",
-    "folded_shape",
     "foam_adam_grouped_",
     "foam_adam_step_",
     "is_interpreting",
+    "is_tracing",
 ]
 
 # A tile holds at least one whole block; past B = 1024 a block no longer fits the register budget
@@ -382,15 +381,15 @@ def _foam_adam_multi_kernel(
 
 
 # ------------------------------------------------------------------------------- host side
-def effective_level(shape: Sequence[int], level: int) -> int:
+def _run_level(shape: Sequence[int], level: int) -> int:
     """ALGORITHM.md: 0-d and 1-d parameters never fold (they run at level 0)."""
     return level if len(shape) >= 2 else 0
 
 
-def folded_shape(shape: Sequence[int], level: int) -> tuple[int, ...]:
-    """``[..., n] -> [..., ceil(n / 2**level)]`` for the level the tensor really runs at."""
+def _state_shape(shape: Sequence[int], level: int) -> tuple[int, ...]:
+    """The folded state's shape ``[..., ceil(n / 2**level)]`` at the level ``shape`` runs at."""
     shape = tuple(shape)
-    level = effective_level(shape, level)
+    level = _run_level(shape, level)
     if level == 0:
         return shape
     return (*shape[:-1], -(-shape[-1] // (1 << level)))
@@ -497,8 +496,8 @@ def _check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad,
     if grad.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{where}: grad dtype {grad.dtype} is not supported; use one of "
                          f"{[str(d) for d in SUPPORTED_DTYPES]}")
-    level = effective_level(p.shape, _check_level(level, where))
-    fshape = folded_shape(p.shape, level)
+    level = _run_level(p.shape, _check_level(level, where))
+    fshape = _state_shape(p.shape, level)
     named = [("param", p), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     if amsgrad:
         if max_exp_avg_sq is None:
@@ -583,7 +582,7 @@ def foam_adam_step_(
         bb = -(-meta["TILE"] // (1 << level))
         return (triton.cdiv(n_blocks, bb),)
 
-    kernel = wrap_triton(_foam_adam_kernel) if _tracing() else _foam_adam_kernel
+    kernel = wrap_triton(_foam_adam_kernel) if is_tracing() else _foam_adam_kernel
     kernel[grid](
         param, grad, exp_avg, exp_avg_sq, vmax,
         lr_tensor if lr_tensor is not None else exp_avg,  # dummies are never read
@@ -598,7 +597,7 @@ def foam_adam_step_(
     )
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
     """True under Dynamo or a dispatch mode (FakeTensorMode, the FunctionalTensorMode in which a
     ``triton_op`` is decomposed for Inductor, make_fx): then the launch must go through
     ``wrap_triton`` so the kernel lands in the graph. In plain eager it must not, since the

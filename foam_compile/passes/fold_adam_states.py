@@ -9,10 +9,14 @@ those. No op spelling is matched, so the for-loop and foreach implementations, c
 tensor lr and the spellings of different torch versions (``lerp_`` vs ``addcmul_``, ``fma``) are
 all the same to this pass.
 
+Which optimizers, which state keys seed the match, and which update replaces it come from the
+families table (:mod:`foam_compile.families`).
+
 Guarantees: the optimizer is converted to FOAM (:func:`foam_compile.convert`: it owns the folded
-state), the matched nodes are replaced by one :func:`foam_compile.functional.foam_adam_` call per
-param group that reads and writes the folded state tensors (registered as buffers of ``gm``, the
-same objects as in ``opt.state``), and the full-size moment buffers are deleted from ``gm``. The
+state), the matched nodes are replaced by one call of the family's update (for Adam/AdamW
+:func:`foam_compile.functional.foam_adam_`) per param group that reads and writes the folded
+state tensors (registered as buffers of ``gm``, the same objects as in ``opt.state``), and the
+full-size moment buffers are deleted from ``gm``. The
 graph is linted and recompiled. Counters: ``counters["foam"]["fold_adam_states"]`` (updates
 rewritten) and ``counters["foam"]["folded_params"]``.
 
@@ -33,13 +37,12 @@ import torch
 from torch import Tensor, fx
 from torch._dynamo.utils import counters
 
-from ..convert import SUPPORTED, convert
-from ..functional import foam_adam_
-from ..optimizer import FOAM, FOAM_DEFAULTS
+from ..convert import convert
+from ..families import family_of
+from ..optimizer import FOAM
+from ..state import format_of
 
 __all__ = ["fold_adam_states", "find_adam_updates", "AdamUpdate", "graph_tensors"]
-
-_STATE_ROLES = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 @dataclass
@@ -112,7 +115,8 @@ def find_adam_updates(
     updates = []
     for opt in optimizers:
         roles = optimizer_tensors(opt)
-        seeds = [by_id[i] for i, (role, _) in roles.items() if role in _STATE_ROLES and i in by_id]
+        keys = family_of(opt).state_keys
+        seeds = [by_id[i] for i, (role, _) in roles.items() if role in keys and i in by_id]
         if not seeds:
             continue
         params = {by_id[i] for i, (role, _) in roles.items() if role == "param" and i in by_id}
@@ -174,7 +178,7 @@ def fold_adam_states(
     """
     candidates = [
         o for o in optimizers
-        if isinstance(o, SUPPORTED) and not isinstance(o, FOAM)
+        if family_of(o) is not None and not isinstance(o, FOAM)
         and not any(g.get("fused") for g in o.param_groups)
     ]
     rewritten = []
@@ -214,46 +218,37 @@ def _replace_update(
     last = max(update.nodes, key=order.__getitem__)
     top = next(n for n in graph.nodes if n.op != "placeholder")
     calls = []
+    family = opt.foam_family
     for gi, group in enumerate(opt.param_groups):
         params = [p for p in group["params"] if any(p is q for q in update.params)]
         if not params:
             continue
-        amsgrad = bool(group.get("amsgrad", False))
-        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
-        lists = {k: [] for k in keys}
+        hyper = family.hyper(group).as_dict()
+        states = []
         with graph.inserting_before(top):  # new state buffers are read from the start
             for pi, p in enumerate(params):
-                for key in keys:
-                    if key != "max_exp_avg_sq" or amsgrad:
-                        tensor = opt.state[p][key]
-                        name = f"foam_g{gi}_p{pi}_{key}"
-                        node = _attr_node(gm, tensor, name, update, slots.get((id(p), key)))
-                        lists[key].append(node)
-            lr = group["lr"]
-            if isinstance(lr, Tensor):
-                lr = _attr_node(gm, lr, f"foam_g{gi}_lr", update)
-        beta1, beta2 = group["betas"]
+                st = opt.state[p]
+                nodes = {
+                    key: _attr_node(gm, value, f"foam_g{gi}_p{pi}_{key}", update,
+                                    slots.get((id(p), key)))
+                    for key, value in st.items() if isinstance(value, Tensor)
+                }
+                states.append({**nodes, "foam_level": st["foam_level"],
+                               "foam_format": format_of(st).name})
+            if isinstance(hyper["lr"], Tensor):
+                hyper["lr"] = _attr_node(gm, hyper["lr"], f"foam_g{gi}_lr", update)
         args = (
             [update.tensor_nodes[id(p)] for p in params],
             [update.tensor_nodes[id(p.grad)] for p in params],
-            lists["exp_avg"], lists["exp_avg_sq"], lists["max_exp_avg_sq"], lists["step"],
-            [opt.state[p]["foam_level"] for p in params],
+            states,
         )
-        kwargs = dict(
-            lr=lr, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-            amsgrad=amsgrad, maximize=bool(group.get("maximize", False)),
-            scale=float(group.get("scale", FOAM_DEFAULTS["scale"])),
-            res_scale=float(group.get("res_scale", FOAM_DEFAULTS["res_scale"])),
-        )
-        calls.append((args, kwargs))
+        calls.append((family.update, args, hyper))
     # After the last update node every tensor the update read is defined; nothing after it
     # reads an update value (checked by _refusal), so the new calls can take its place.
     anchor = last
-    for args, kwargs in calls:
+    for fn, args, kwargs in calls:
         with graph.inserting_after(anchor):
-            anchor = graph.call_function(foam_adam_, args=args, kwargs=kwargs)
+            anchor = graph.call_function(fn, args=args, kwargs=kwargs)
     for node in sorted(update.nodes, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
 

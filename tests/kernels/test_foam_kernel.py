@@ -29,8 +29,16 @@ from hypothesis import strategies as st  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from foam_compile import kernels  # noqa: E402
+from foam_compile.backends import triton_cuda  # noqa: E402
+from foam_compile.hyper import Hyper as FoamHyper  # noqa: E402
 from foam_compile.kernels import foam_adam  # noqa: E402
-from foam_compile.kernels.ops import _adam_step_torch  # noqa: E402
+from foam_compile.reference import effective_level, folded_shape  # noqa: E402
+from foam_compile.state import get_format  # noqa: E402
+from foam_compile.update import foam_update_  # noqa: E402
+
+
+def state_shape(shape, level):
+    return folded_shape(shape, effective_level(shape, level))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -127,7 +135,7 @@ class Case:
     max_g: float = 0.0
 
     def __post_init__(self):
-        fshape = foam_adam.folded_shape(self.shape, self.level)
+        fshape = state_shape(self.shape, self.level)
         rnd = lambda s: torch.randn(s, generator=self.gen, dtype=F64)  # noqa: E731
         p0 = rnd(self.shape).to(self.dtype)
         m0 = (0.1 * rnd(fshape)).float()
@@ -156,7 +164,7 @@ class Case:
             self.max_p = max(self.max_p, float(self.model[0].abs().max()))
 
     def check(self, steps: int, hp: Hyper):
-        level = foam_adam.effective_level(self.shape, self.level)
+        level = effective_level(self.shape, self.level)
         ops = 32 + level  # float32 roundings in one update chain (a block sum adds ~level)
         # The parameter is rounded to its dtype once a step; the float32 update adds a few
         # roundings of its own size. Errors add up over the steps.
@@ -314,7 +322,7 @@ def test_matches_package_reference_if_present():
     gen = torch.Generator().manual_seed(9)
     for shape, level in [((5, 123), 2), ((4, 3), 3), ((37,), 3), ((6, 20), 0)]:
         p = torch.randn(*shape, generator=gen)
-        fshape = foam_adam.folded_shape(shape, level)
+        fshape = state_shape(shape, level)
         m = 0.1 * torch.randn(*fshape, generator=gen)
         v = 0.1 * torch.rand(*fshape, generator=gen)
         state = {"exp_avg": m.clone(), "exp_avg_sq": v.clone(), "step": 0}
@@ -406,11 +414,13 @@ def test_random_shapes(rows, n, level, dtype, grouped, seed):
 AUTOTUNE_SCRIPT = """
 import os, torch
 from foam_compile.kernels import foam_adam
-from foam_compile.kernels.ops import _adam_step_torch
+from foam_compile.hyper import Hyper
+from foam_compile.reference import folded_shape
+from foam_compile.update import foam_update_
 assert len(foam_adam._CONFIGS) > 1
 gen = torch.Generator().manual_seed(0)
 def tensors(shape, level):
-    fshape = foam_adam.folded_shape(shape, level)
+    fshape = folded_shape(shape, level)
     return [torch.randn(shape, generator=gen), 0.1 * torch.randn(fshape, generator=gen),
             0.1 + torch.rand(fshape, generator=gen)]
 hp = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
@@ -426,7 +436,7 @@ for grouped in (False, True):
                                              [level], lr=1e-2, **hp)
             else:
                 foam_adam.foam_adam_step_(p, g, m, v, lr=1e-2, step=t, level=level, **hp)
-            _adam_step_torch(ref[0], g, ref[1], ref[2], None, step=t, lr=1e-2, level=level, **hp)
+            foam_update_(ref[0], g, ref[1], ref[2], None, t, level, Hyper(lr=1e-2, **hp))
         for x, y in zip((p, m, v), ref):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 assert foam_adam._MULTI_TUNED, "the multi-tensor kernel was not tuned"
@@ -490,8 +500,8 @@ def test_torch_fallback_matches_model(level):
             g = c.new_grad()
             kw = hp.kwargs()
             lr = kw.pop("lr")
-            _adam_step_torch(c.p, g, c.m, c.v, c.vmax, step=torch.tensor(float(t)), lr=lr,
-                             level=c.level, **kw)
+            foam_update_(c.p, g, c.m, c.v, c.vmax, torch.tensor(float(t)), c.level,
+                         FoamHyper(lr=lr, **kw))
             c.model_step(t, hp)
     for c in cases:
         c.check(3, hp)
@@ -530,7 +540,7 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
 # ------------------------------------------------------------------------------- checking
 def _good(shape=(4, 8), level=2):
     p = torch.randn(*shape, device=DEVICE)
-    fshape = foam_adam.folded_shape(shape, level)
+    fshape = state_shape(shape, level)
     return dict(param=p, grad=torch.randn_like(p), exp_avg=torch.zeros(fshape, device=DEVICE),
                 exp_avg_sq=torch.zeros(fshape, device=DEVICE))
 
@@ -587,12 +597,14 @@ def test_grouped_rejects_before_writing():
                                    [1, 1], [2], lr=1e-3)
 
 
-def test_available():
-    assert kernels.available()
+def test_backend_supports():
+    """The Triton backend takes what its kernel can run and says why not otherwise."""
     p = torch.zeros(4, 8, device=DEVICE)
-    assert kernels.available([p], levels=[2])
-    assert not kernels.available([p.double()], levels=[2])
-    assert not kernels.available([p], levels=[kernels.MAX_LEVEL + 1])
+    hp, fp32 = FoamHyper(lr=1e-3), get_format("fp32")
+    assert triton_cuda.supports(p, p, 2, fp32, hp) is None
+    assert "float32/bfloat16/float16" in triton_cuda.supports(p.double(), p.double(), 2, fp32, hp)
+    assert triton_cuda.supports(p, p, kernels.MAX_LEVEL + 1, fp32, hp) is not None
+    assert triton_cuda.supports(p.t(), p.t(), 2, fp32, hp) is not None
 
 
 # -------------------------------------------------------------------------------- GPU only

@@ -1,66 +1,48 @@
-"""The FOAM step as torch ops: ``torch.ops.foam.adam_step_`` and ``torch.ops.foam.adam_step_grouped_``.
+"""The Triton step backend (CUDA): the fused kernels as torch ops.
 
 Why two ops, built differently (the rule Inductor relies on is that an op's declared mutations
 are the truth):
 
 * ``foam::adam_step_`` (one parameter) is a ``torch.library.triton_op``. Under torch.compile it is
   decomposed into its body, so Inductor sees the user kernel, reads its TTIR and learns which
-  arguments it stores to. That analysis is only right because ``_foam_adam_kernel`` takes every
-  tensor as a real argument.
+  arguments it stores to. That analysis is only right because the kernel takes every tensor as
+  a real argument.
 * ``foam::adam_step_grouped_`` (a whole group, a handful of launches) is an opaque
   ``torch.library.custom_op``. Its kernel stores through a table of ``data_ptr()``s, which
   Inductor's TTIR analysis cannot follow (it would think nothing is written and could reorder or
   drop the step). Opaque, the op's ``mutates_args`` are what Inductor trusts; they name exactly the
   written lists.
 
-Both ops run everywhere. On CUDA (or on CPU under ``TRITON_INTERPRET=1``) with float32/bfloat16/
-float16 tensors they launch the Triton kernels; otherwise (no triton, CPU, float64, level above
-the kernel's ``MAX_LEVEL``) they run :func:`_adam_step_torch`, the same math in plain torch. Where
-triton is not importable, ``foam::adam_step_`` is a plain ``custom_op`` with the same schema.
-
-Arguments as :func:`foam_compile.kernels.foam_adam.foam_adam_step_`, with ``lr``/``step`` split
-into a number and an optional tensor (a tensor, when given, wins): op schemas have no
-"float or Tensor". Under torch.compile pass ``step_tensor`` on the parameters' device (a CPU step
-would be read with ``.item()``, which cannot be traced).
+The backend steps a group through ``adam_step_grouped_``. Both ops also run where the kernel
+cannot (CPU without ``TRITON_INTERPRET=1``, float64, a level above the kernel's ``MAX_LEVEL``):
+there they run the one plain-torch update (:mod:`foam_compile.update`). ``lr``/``step`` are
+split into a number and an optional tensor (a tensor, when given, wins): op schemas have no
+"float or Tensor". Importing this module imports Triton; the registry does so only when a CUDA
+parameter is seen.
 """
 
 # ruff: noqa: UP045 - the op signatures keep typing.Optional: torch.library's schema inference
 # reads these annotations at runtime, and Optional[Tensor] is the spelling every torch >= 2.11
 # understands.
-import logging
-import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from ..hyper import Hyper
+from ..kernels.foam_adam import (
+    MAX_LEVEL,
+    SUPPORTED_DTYPES,
+    foam_adam_grouped_,
+    foam_adam_step_,
+    is_interpreting,
+    is_tracing,
+)
+from ..state import StateFormat
+from ..update import foam_update_
 
-try:
-    from .foam_adam import (
-        MAX_LEVEL,
-        SUPPORTED_DTYPES,
-        _tracing,
-        foam_adam_grouped_,
-        foam_adam_step_,
-        is_interpreting,
-    )
-
-    HAS_TRITON = True
-except Exception as exc:  # no triton, or one that cannot load here: the torch path only
-    log.debug("foam_compile.kernels: Triton kernels unavailable (%s)", exc)
-    HAS_TRITON = False
-    MAX_LEVEL = -1
-    SUPPORTED_DTYPES = ()
-
-    def is_interpreting() -> bool:
-        return False
-
-    def _tracing() -> bool:
-        return False
-
-
-__all__ = ["HAS_TRITON", "adam_step_", "adam_step_grouped_", "kernel_supports"]
+__all__ = ["adam_step_", "adam_step_grouped_", "kernel_supports", "step_", "supports"]
 
 _ONE_MUTATES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _GROUPED_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
@@ -68,8 +50,6 @@ _GROUPED_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
 def kernel_supports(param: Tensor, grad: Optional[Tensor] = None, level: int = 0) -> bool:
     """Whether the Triton kernel can take this parameter (device, dtypes, layout, level)."""
-    if not HAS_TRITON:
-        return False
     device_ok = param.device.type == "cuda" or (param.device.type == "cpu" and is_interpreting())
     tensors = (param,) if grad is None else (param, grad)
     return (
@@ -79,59 +59,44 @@ def kernel_supports(param: Tensor, grad: Optional[Tensor] = None, level: int = 0
     )
 
 
-# ------------------------------------------------------------------------ plain-torch path
-def _adam_step_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1,
-                     beta2, eps, weight_decay, level, decoupled_weight_decay, amsgrad, maximize,
-                     scale, res_scale) -> None:
-    """ALGORITHM.md in plain torch for one parameter (``step``/``lr``: numbers or 0-d tensors).
+def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> str | None:
+    if fmt.name != "fp32":
+        return f"the Triton kernel does not read state_format={fmt.name!r}"
+    if not kernel_supports(p, g, level):
+        return (
+            f"the Triton kernel takes contiguous float32/bfloat16/float16 tensors at levels "
+            f"0..{MAX_LEVEL} (got {p.dtype}, level {level})"
+        )
+    return None
 
-    The fallback when the kernel cannot run; float32 math (float64 for float64 parameters).
-    """
-    level = level if param.dim() >= 2 else 0
-    compute = torch.float64 if param.dtype == torch.float64 else torch.float32
-    g = grad.to(compute)
-    if maximize:
-        g = -g
-    w = param.to(compute)
-    if not decoupled_weight_decay and weight_decay != 0:
-        g = g + weight_decay * w
-    if decoupled_weight_decay and weight_decay != 0:
-        w = w * (1 - lr * weight_decay)
-    if level == 0:
-        gb, qb, r = g, g * g, None
-    else:
-        n, block = param.shape[-1], 1 << level
-        nb = -(-n // block)
-        pad = nb * block - n
-        blocks = torch.nn.functional.pad(g, (0, pad)).unflatten(-1, (nb, block))
-        counts = torch.full((nb,), float(block), dtype=compute, device=param.device)
-        counts[-1] = block - pad  # the partial last block averages its own elements only
-        gb = blocks.sum(-1) / counts
-        qb = (blocks * blocks).sum(-1) / counts
-        r = g - gb.repeat_interleave(block, dim=-1)[..., :n]
-    m = exp_avg.to(compute) * beta1 + gb * (1 - beta1)
-    v = exp_avg_sq.to(compute) * beta2 + qb * (1 - beta2)
-    v_use = torch.maximum(max_exp_avg_sq.to(compute), v) if amsgrad else v
-    if r is None:
-        big_m, big_v = m, v_use
-    else:
-        n = param.shape[-1]
-        big_m = m.repeat_interleave(1 << level, dim=-1)[..., :n] + res_scale * r
-        big_v = v_use.repeat_interleave(1 << level, dim=-1)[..., :n] + res_scale**2 * r * r
-    alpha = scale if level > 0 else 1.0
-    if isinstance(step, Tensor):
-        step = step.to(device=param.device, dtype=torch.float64)
-        bc1 = 1 - beta1**step
-        sqrt_bc2 = (1 - beta2**step).sqrt()
-    else:
-        bc1 = 1 - beta1**step
-        sqrt_bc2 = math.sqrt(1 - beta2**step)
-    w = w - (lr * alpha / bc1) * (big_m / (big_v.sqrt() / sqrt_bc2 + eps))
-    param.copy_(w)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    if amsgrad:
-        max_exp_avg_sq.copy_(v_use)
+
+def _hyper_kwargs(hp: Hyper) -> dict:
+    """The ops' scalar arguments (``lr`` is split into a number and a tensor by the caller)."""
+    return dict(
+        beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay,
+        decoupled_weight_decay=hp.decoupled_weight_decay, amsgrad=hp.amsgrad,
+        maximize=hp.maximize, scale=hp.scale, res_scale=hp.res_scale,
+    )
+
+
+def step_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
+) -> None:
+    """One grouped launch per (dtype, level) for the whole list."""
+    lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
+    torch.ops.foam.adam_step_grouped_(
+        list(params), list(grads), [st["exp_avg"] for st in states],
+        [st["exp_avg_sq"] for st in states],
+        [st["max_exp_avg_sq"] for st in states] if hp.amsgrad else [],
+        [st["step"] for st in states], [st["foam_level"] for st in states],
+        float(hp.lr) if lr_tensor is None else 0.0, lr_tensor, **_hyper_kwargs(hp),
+    )
+
+
+def _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, level, lr, **hyper):
+    """Where the kernel cannot run: the plain-torch update."""
+    hp = Hyper(lr=lr, level=level, **hyper)
+    foam_update_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, level, hp)
 
 
 # ----------------------------------------------------------------------------- one tensor
@@ -165,10 +130,10 @@ def _adam_step_impl(
     )
     # The interpreter runs on real memory and cannot be traced: when torch.compile traces this op
     # on CPU, the plain-torch body is what it sees.
-    if kernel_supports(param, grad, level) and not (is_interpreting() and _tracing()):
+    if kernel_supports(param, grad, level) and not (is_interpreting() and is_tracing()):
         foam_adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
     else:
-        _adam_step_torch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
+        _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
 
 
 def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, step_tensor, lr,
@@ -178,14 +143,9 @@ def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, step
     return None
 
 
-if HAS_TRITON and hasattr(torch.library, "triton_op"):
-    adam_step_ = torch.library.triton_op(
-        "foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES
-    )
-else:
-    adam_step_ = torch.library.custom_op(
-        "foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES
-    )
+adam_step_ = torch.library.triton_op(
+    "foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES
+)
 adam_step_.register_fake(_adam_step_fake)
 
 
@@ -227,7 +187,7 @@ def _adam_step_grouped_impl(
             pick(max_exp_avg_sqs) if amsgrad else None, pick(state_steps), pick(levels), **hp,
         )
     for i in slow:
-        _adam_step_torch(
+        _fallback_(
             params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else None, step=state_steps[i], level=levels[i], **hp,
         )

@@ -27,31 +27,64 @@ allocated. Measured on 2 CPU cores, one 4096x4096 float32 parameter: 15.4 ms per
 
 Eager, and anywhere the lowering does not apply (symbolic shapes under ``dynamic=True``, other
 devices, an Inductor whose internals differ: Inductor then calls the op as an extern kernel),
-the op runs the plain-torch code of :mod:`foam_compile.functional`: same math, same results.
-Levels above :data:`MAX_LEVEL` do not use the op: their blocks are wide enough for Inductor's
-real (not unrolled) reductions.
+the op runs the plain-torch update (:func:`foam_compile.update.folded_step_`): same math, same
+results. Level 0 and levels above :data:`MAX_LEVEL` are left to the plain-torch backend: level
+0 is elementwise, and blocks of 16 or more are real (not unrolled) reductions for Inductor.
 """
 
 # ruff: noqa: UP045 - torch.library reads these annotations at runtime (Optional[Tensor]).
 import inspect
 import logging
 import zlib
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..hyper import Hyper
+from ..state import StateFormat
+from ..update import bias_scalars, compute_dtype, decay_factor, folded_step_
+
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_LEVEL", "folded_update_", "supports"]
+__all__ = ["MAX_LEVEL", "folded_update_", "step_", "supports"]
 
 # Blocks of up to 8 elements: at most 8 scalar loads of g per block per vector.
 MAX_LEVEL = 3
 
 
-def supports(p: Tensor, level: int) -> bool:
-    """Whether ``folded_update_`` takes this parameter (any device but CUDA, which has Triton)."""
-    return 1 <= level <= MAX_LEVEL and p.dim() >= 2 and p.numel() > 0 and not p.is_cuda
+def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> str | None:
+    if not 1 <= level <= MAX_LEVEL or p.dim() < 2:
+        return f"the CPU lowering takes folded parameters at levels 1..{MAX_LEVEL}"
+    if fmt.name != "fp32":
+        return f"the CPU lowering does not read state_format={fmt.name!r}"
+    if p.numel() == 0:
+        return "empty parameter"
+    return None
+
+
+def step_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
+) -> None:
+    """Each parameter through ``foam::folded_update_`` (one op call, two loop nests, each)."""
+    coupled = 0.0 if hp.decoupled_weight_decay else hp.weight_decay
+    decay = decay_factor(hp)
+    for p, g, st in zip(params, grads, states):
+        level, compute = st["foam_level"], compute_dtype(p)
+        step_size, inv_sqrt_bc2 = bias_scalars(st["step"], hp, level, compute)
+
+        def tensor(x, compute=compute, device=p.device):
+            if isinstance(x, Tensor):
+                return x.to(device=device, dtype=compute)
+            return torch.tensor(x, dtype=compute, device=device)
+
+        torch.ops.foam.folded_update_(
+            p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if hp.amsgrad else None,
+            tensor(step_size), tensor(inv_sqrt_bc2),
+            None if isinstance(decay, float) and decay == 1.0 else tensor(decay),
+            level, hp.beta1, hp.beta2, hp.eps, coupled, hp.maximize, hp.res_scale, VERSION,
+        )
 
 
 @torch.library.custom_op(
@@ -83,16 +116,15 @@ def folded_update_(
     names the lowering's code (:data:`VERSION`): it is a constant of every traced graph, so a
     changed lowering never reuses a compiled graph cached by an older one.
     """
-    from .functional import _folded_param_
-
-    amsgrad = max_exp_avg_sq is not None
-    wd = coupled_weight_decay
-    hp = (beta1, beta2, eps, wd, wd == 0.0, amsgrad, maximize, res_scale)
-    compute = step_size.dtype
-    _folded_param_(
+    hp = Hyper(
+        lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=coupled_weight_decay,
+        decoupled_weight_decay=coupled_weight_decay == 0.0,
+        amsgrad=max_exp_avg_sq is not None, maximize=maximize, res_scale=res_scale,
+    )
+    folded_step_(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level,
         step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2,
-        decay=1.0 if decay is None else decay, hp=hp, compute=compute,
+        decay=1.0 if decay is None else decay, hp=hp,
     )
 
 
