@@ -364,7 +364,11 @@ SCENARIOS = [
 ]
 
 
-def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
+def _worker(rank: int, port: int, out: str, names: list[str], module: str = __name__) -> None:
+    """Run ``scenario_<name>(out, rank)`` of ``module`` (this one by default) for each name."""
+    import importlib
+
+    scenarios = importlib.import_module(module)
     out = Path(out)
     torch.set_num_threads(1)  # two processes on two cores
     dist.init_process_group(
@@ -376,7 +380,7 @@ def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
     )
     try:
         for name in names:
-            scenario = globals()[f"scenario_{name}"]
+            scenario = getattr(scenarios, f"scenario_{name}")
             start = time.perf_counter()
             try:
                 scenario(out, rank)
@@ -394,14 +398,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, names: list[str], timeout_s: float = LAUNCH_TIMEOUT_S) -> None:
-    """Run the scenarios ``names`` on 2 spawned processes; kill them (by pid) if they outlive
-    the time limit."""
+def launch(
+    out: Path, names: list[str], timeout_s: float = LAUNCH_TIMEOUT_S, module: str = __name__
+) -> None:
+    """Run the scenarios ``names`` (functions ``scenario_<name>`` of ``module``) on 2 spawned
+    processes; kill them (by pid) if they outlive the time limit."""
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
         _worker,
-        args=(_free_port(), str(out), names),
+        args=(_free_port(), str(out), names, module),
         nprocs=WORLD,
         join=False,
         start_method="spawn",
