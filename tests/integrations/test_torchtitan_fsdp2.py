@@ -151,7 +151,24 @@ def scenario_titan_resume_full(out, rank):
     record(model, opt, losses, rank, out, "titan_resume_full")
 
 
-SCENARIOS = ["titan_uninterrupted", "titan_resume_sharded", "titan_resume_full"]
+def scenario_accelerate_swap(out, rank):
+    """accelerate's FSDP2 path (the HF Trainer's under FSDP) builds the optimizer on the whole
+    model, shards it, then swaps the optimizer's parameters for the shards."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    opt = PolicyFOAM(model.parameters(), **OPTIONS)
+    before = {p.data_ptr: None for p in model.parameters()}  # accelerate keys by p.data_ptr
+    for block in model.layers.values():
+        fully_shard(block)
+    fully_shard(model)
+    fsdp2_switch_optimizer_parameters(opt, dict(zip(before, model.parameters())))
+    losses = train(model, opt, range(SAVE), rank)
+    record(model, opt, losses, rank, out, "accelerate_swap")
+
+
+SCENARIOS = ["titan_uninterrupted", "titan_resume_sharded", "titan_resume_full", "accelerate_swap"]
 
 
 # ----------------------------------------------------------------------------- test side
@@ -164,8 +181,7 @@ def runs(tmp_path_factory) -> Runs:
     return Runs(root)
 
 
-def test_fsdp2_per_block_then_root_folds_by_policy(runs):
-    record = runs["titan_uninterrupted"]
+def check_recorded_levels(record) -> dict[str, int]:
     model = make_model()  # the recorded names and global shapes, as plain tensors
     assert list(record["state"]) == [n for n, _ in model.named_parameters()]
     recorded = {
@@ -173,7 +189,12 @@ def test_fsdp2_per_block_then_root_folds_by_policy(runs):
         | {k: torch.empty(shape) for k, shape in st["shapes"].items()}
         for p, st in zip(model.parameters(), record["state"].values())
     }
-    levels = check_levels(lambda p: recorded[id(p)], model.named_parameters())
+    return check_levels(lambda p: recorded[id(p)], model.named_parameters())
+
+
+def test_fsdp2_per_block_then_root_folds_by_policy(runs):
+    record = runs["titan_uninterrupted"]
+    levels = check_recorded_levels(record)
     assert levels["tok_embeddings.weight"] == levels["output.weight"] == 0
     assert levels["layers.0.attention.wq.weight"] == levels["layers.1.feed_forward.w2.weight"] == 2
     w2 = record["state"]["layers.1.feed_forward.w2.weight"]
@@ -193,6 +214,16 @@ def test_full_optimizer_state_dict_is_folded(runs):
     emb = full["state"]["tok_embeddings.weight"]
     assert emb["foam_level"] == 0 and tuple(emb["exp_avg"].shape) == (64, 32)
     assert float(wq["step"]) == SAVE
+
+
+def test_policy_survives_accelerates_parameter_swap(runs):
+    pytest.importorskip("accelerate", reason="needs the hf extra: pip install 'foam-compile[hf]'")
+    record = runs["accelerate_swap"]
+    levels = check_recorded_levels(record)
+    assert levels["tok_embeddings.weight"] == levels["output.weight"] == 0
+    assert all(st["placement"] == "(Shard(dim=0),)" for st in record["state"].values())
+    # the same first two steps as the optimizer built after sharding
+    assert record["losses"] == {k: v for k, v in runs["titan_uninterrupted"]["losses"].items() if k <= SAVE}
 
 
 @pytest.mark.parametrize("how", ["sharded", "full"])
