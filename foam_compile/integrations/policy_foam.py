@@ -61,11 +61,21 @@ class PolicyFOAM(FOAM):
         super().__init__(params, lr, betas, eps, weight_decay, **foam_options)
         self.foam_policy = dict(model=model, levels=levels, keep_unfolded=keep_unfolded)
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._foam_policy_pending = True
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._foam_policy_pending = True  # parameters the checkpoint has no state for
+
     @torch.no_grad()
     def step(self, closure=None):
         # Before the closure: Lightning passes one that runs forward and backward, so on the first
-        # step no parameter has a gradient yet. Parameters without one get state here too.
-        self._apply_policy()
+        # step no parameter has a gradient yet. Parameters without one get state here too. A
+        # flag, not a scan, after that: a compiled step guards on it and does not break.
+        if getattr(self, "_foam_policy_pending", True):
+            self._apply_policy()
         return super().step(closure)
 
     @torch.compiler.disable  # Python bookkeeping, once per new parameter
@@ -78,6 +88,7 @@ class PolicyFOAM(FOAM):
             for p in group["params"]:
                 if not self.state.get(p):
                     pending[p] = level
+        self._foam_policy_pending = False
         if not pending:
             return
         policy = getattr(self, "foam_policy", {})  # absent after pickling, which drops attributes
