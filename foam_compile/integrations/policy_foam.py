@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..optimizer import FOAM, FOAM_DEFAULTS
+from ..hyper import GROUP_DEFAULTS
+from ..optimizer import FOAM
 from ..policy import KEEP_UNFOLDED, choose_levels
 
 __all__ = ["PolicyFOAM"]
@@ -82,7 +83,7 @@ class PolicyFOAM(FOAM):
     def _apply_policy(self) -> None:
         pending: dict[Tensor, int] = {}
         for group in self.param_groups:
-            level = group.get("level", FOAM_DEFAULTS["level"])
+            level = group.get("level", GROUP_DEFAULTS["level"])
             if level == "auto":  # FOAM's own calibration decides these
                 continue
             for p in group["params"]:
