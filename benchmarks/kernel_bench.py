@@ -105,16 +105,38 @@ def run_case(name, params, levels, *, amsgrad, iters, warmup, copy_gbs, rows):
     lr = torch.tensor(1e-4, device=device)
 
     def foam():
-        kernels.foam_adam_grouped_(params, grads, ms_, vs_, vmax_, steps, levels, lr=lr,
-                                   weight_decay=0.01, amsgrad=amsgrad, scale=0.25)
+        kernels.foam_adam_grouped_(
+            params,
+            grads,
+            ms_,
+            vs_,
+            vmax_,
+            steps,
+            levels,
+            lr=lr,
+            weight_decay=0.01,
+            amsgrad=amsgrad,
+            scale=0.25,
+        )
 
     ms = _timer(foam, iters, warmup)
     nbytes = bytes_moved(params, levels, amsgrad)
     gbs = nbytes / ms / 1e6
     dtype = str(params[0].dtype).replace("torch.", "")
     lv = "/".join(str(x) for x in sorted(set(levels)))
-    rows.append((name, "FOAM triton", dtype, lv, sum(p.numel() for p in params) / 1e6, ms,
-                 nbytes / 1e6, gbs, 100 * gbs / copy_gbs))
+    rows.append(
+        (
+            name,
+            "FOAM triton",
+            dtype,
+            lv,
+            sum(p.numel() for p in params) / 1e6,
+            ms,
+            nbytes / 1e6,
+            gbs,
+            100 * gbs / copy_gbs,
+        )
+    )
 
 
 def run_adamw(name, params, *, amsgrad, iters, warmup, copy_gbs, rows):
@@ -127,17 +149,29 @@ def run_adamw(name, params, *, amsgrad, iters, warmup, copy_gbs, rows):
     nbytes = bytes_moved(ps, [0] * len(ps), amsgrad)
     gbs = nbytes / ms / 1e6
     dtype = str(params[0].dtype).replace("torch.", "")
-    rows.append((name, "AdamW fused", dtype, "-", sum(p.numel() for p in ps) / 1e6, ms,
-                 nbytes / 1e6, gbs, 100 * gbs / copy_gbs))
+    rows.append(
+        (
+            name,
+            "AdamW fused",
+            dtype,
+            "-",
+            sum(p.numel() for p in ps) / 1e6,
+            ms,
+            nbytes / 1e6,
+            gbs,
+            100 * gbs / copy_gbs,
+        )
+    )
 
 
 def table(rows) -> str:
-    head = ("case", "impl", "dtype", "level", "Mparams", "ms/step", "MB moved", "GB/s",
-            "% copy BW")
+    head = ("case", "impl", "dtype", "level", "Mparams", "ms/step", "MB moved", "GB/s", "% copy BW")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.3f} | "
-                     f"{r[6]:.1f} | {r[7]:.0f} | {r[8]:.0f}% |")
+        lines.append(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.3f} | "
+            f"{r[6]:.1f} | {r[7]:.0f} | {r[8]:.0f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -150,8 +184,10 @@ def main() -> int:
     args = parser.parse_args()
 
     if not SMOKE and not torch.cuda.is_available():
-        print("kernel_bench: no CUDA device; this benchmark needs a GPU (use --smoke to check "
-              "that the script runs on CPU). Skipping.")
+        print(
+            "kernel_bench: no CUDA device; this benchmark needs a GPU (use --smoke to check "
+            "that the script runs on CPU). Skipping."
+        )
         return 0
     device = "cpu" if SMOKE else "cuda"
     iters, warmup = (2, 1) if SMOKE else (args.iters, 5)
@@ -162,25 +198,65 @@ def main() -> int:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(big, device=device).to(dtype)
-        run_adamw(f"{big[0]}x{big[1]}", [w], amsgrad=args.amsgrad, iters=iters, warmup=warmup,
-                  copy_gbs=copy_gbs, rows=rows)
+        run_adamw(
+            f"{big[0]}x{big[1]}",
+            [w],
+            amsgrad=args.amsgrad,
+            iters=iters,
+            warmup=warmup,
+            copy_gbs=copy_gbs,
+            rows=rows,
+        )
         for level in (0, 2, 3, 8):
-            run_case(f"{big[0]}x{big[1]}", [w.clone()], [level], amsgrad=args.amsgrad,
-                     iters=iters, warmup=warmup, copy_gbs=copy_gbs, rows=rows)
+            run_case(
+                f"{big[0]}x{big[1]}",
+                [w.clone()],
+                [level],
+                amsgrad=args.amsgrad,
+                iters=iters,
+                warmup=warmup,
+                copy_gbs=copy_gbs,
+                rows=rows,
+            )
         params, levels = llama_like(device, dtype, scale)
-        run_adamw("llama-130M-like", params, amsgrad=args.amsgrad, iters=iters, warmup=warmup,
-                  copy_gbs=copy_gbs, rows=rows)
-        run_case("llama-130M-like", params, levels, amsgrad=args.amsgrad, iters=iters,
-                 warmup=warmup, copy_gbs=copy_gbs, rows=rows)
-        run_case("llama-130M-like", [p.clone() for p in params], [0] * len(params),
-                 amsgrad=args.amsgrad, iters=iters, warmup=warmup, copy_gbs=copy_gbs, rows=rows)
+        run_adamw(
+            "llama-130M-like",
+            params,
+            amsgrad=args.amsgrad,
+            iters=iters,
+            warmup=warmup,
+            copy_gbs=copy_gbs,
+            rows=rows,
+        )
+        run_case(
+            "llama-130M-like",
+            params,
+            levels,
+            amsgrad=args.amsgrad,
+            iters=iters,
+            warmup=warmup,
+            copy_gbs=copy_gbs,
+            rows=rows,
+        )
+        run_case(
+            "llama-130M-like",
+            [p.clone() for p in params],
+            [0] * len(params),
+            amsgrad=args.amsgrad,
+            iters=iters,
+            warmup=warmup,
+            copy_gbs=copy_gbs,
+            rows=rows,
+        )
 
     import triton
 
     dev_name = "CPU (interpreter, timings meaningless)" if SMOKE else torch.cuda.get_device_name()
-    header = (f"device: {dev_name}; torch {torch.__version__}; triton {triton.__version__}; "
-              f"python {platform.python_version()}; {datetime.date.today()}; "
-              f"measured copy bandwidth {copy_gbs:.0f} GB/s; amsgrad={args.amsgrad}")
+    header = (
+        f"device: {dev_name}; torch {torch.__version__}; triton {triton.__version__}; "
+        f"python {platform.python_version()}; {datetime.date.today()}; "
+        f"measured copy bandwidth {copy_gbs:.0f} GB/s; amsgrad={args.amsgrad}"
+    )
     text = header + "\n\n" + table(rows)
     print(text)
     if args.out:

@@ -183,27 +183,61 @@ def run_case(size, case, dtype, device, args, copy_gbs, rows) -> None:
         nbytes = bytes_per_step(params, block_mask, impl)
         gbs = nbytes / med / 1e6
         ratio = foam_ms / med if foam_ms is not None and not impl.startswith("FOAM") else None
-        rows.append(dict(
-            size=size, case=case, dtype=str(dtype).replace("torch.", ""), impl=impl,
-            mparams=n / 1e6, med=med, min=best, mb=nbytes / 1e6, gbs=gbs,
-            pct=100 * gbs / copy_gbs, ratio=ratio, first_s=compile_s[impl],
-            faults=faults[impl] / args.reps, mem=mem_growth.get(impl),
-        ))
+        rows.append(
+            dict(
+                size=size,
+                case=case,
+                dtype=str(dtype).replace("torch.", ""),
+                impl=impl,
+                mparams=n / 1e6,
+                med=med,
+                min=best,
+                mb=nbytes / 1e6,
+                gbs=gbs,
+                pct=100 * gbs / copy_gbs,
+                ratio=ratio,
+                first_s=compile_s[impl],
+                faults=faults[impl] / args.reps,
+                mem=mem_growth.get(impl),
+            )
+        )
         print(format_row(rows[-1]), flush=True)
     del steppers, params
     gc.collect()
     torch._dynamo.reset()
 
 
-HEAD = ("size", "case", "dtype", "Mparams", "impl", "ms/step (median)", "ms (min)", "MB/step",
-        "GB/s", "% copy", "FOAM/x", "faults/step", "1st step s")
+HEAD = (
+    "size",
+    "case",
+    "dtype",
+    "Mparams",
+    "impl",
+    "ms/step (median)",
+    "ms (min)",
+    "MB/step",
+    "GB/s",
+    "% copy",
+    "FOAM/x",
+    "faults/step",
+    "1st step s",
+)
 
 
 def format_row(r: dict, md: bool = False) -> str:
     cells = [
-        r["size"], r["case"], r["dtype"], f"{r['mparams']:.1f}", r["impl"], f"{r['med']:.2f}",
-        f"{r['min']:.2f}", f"{r['mb']:.0f}", f"{r['gbs']:.1f}", f"{r['pct']:.0f}%",
-        "-" if r["ratio"] is None else f"{r['ratio']:.2f}", f"{r['faults']:.0f}",
+        r["size"],
+        r["case"],
+        r["dtype"],
+        f"{r['mparams']:.1f}",
+        r["impl"],
+        f"{r['med']:.2f}",
+        f"{r['min']:.2f}",
+        f"{r['mb']:.0f}",
+        f"{r['gbs']:.1f}",
+        f"{r['pct']:.0f}%",
+        "-" if r["ratio"] is None else f"{r['ratio']:.2f}",
+        f"{r['faults']:.0f}",
         f"{r['first_s']:.1f}",
     ]
     if r.get("mem") is not None:
@@ -212,7 +246,9 @@ def format_row(r: dict, md: bool = False) -> str:
 
 
 def table(rows) -> str:
-    head = list(HEAD) + (["step mem growth MiB"] if any(r.get("mem") is not None for r in rows) else [])
+    head = list(HEAD) + (
+        ["step mem growth MiB"] if any(r.get("mem") is not None for r in rows) else []
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [format_row(r, md=True) for r in rows]
     return "\n".join(lines)
@@ -247,10 +283,16 @@ def environment(device: torch.device, copy_gbs: float) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", nargs="+", choices=sorted(CONFIGS), default=None,
-                        help="default: 60m on CPU; 60m 350m 1b on CUDA")
-    parser.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"),
-                        default=("float32", "bfloat16"))
+    parser.add_argument(
+        "--size",
+        nargs="+",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="default: 60m on CPU; 60m 350m 1b on CUDA",
+    )
+    parser.add_argument(
+        "--dtype", nargs="+", choices=("float32", "bfloat16"), default=("float32", "bfloat16")
+    )
     parser.add_argument("--case", nargs="+", choices=("paper", "block"), default=("paper", "block"))
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=IMPLS)
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (default 15)")

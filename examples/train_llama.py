@@ -482,7 +482,8 @@ def main(argv=None) -> dict:
     table = write_outputs(out, results, meta)
     print("\n" + table)
     print(
-        f"\nboth runs: {total_s:.0f} s. Wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'loss.png'}"
+        f"\nboth runs: {total_s:.0f} s. Wrote {out / 'report.json'}, {out / 'report.md'}, "
+        f"{out / 'loss.png'}"
     )
     return results
 

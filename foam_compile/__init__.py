@@ -1,4 +1,4 @@
-"""foam-compile: FOAM (folded Adam moments, arXiv 2512.07112) as an optimizer and a compiler feature.
+"""foam-compile: FOAM (folded Adam moments, arXiv 2512.07112), an optimizer and a compiler feature.
 
 ``torch.compile(step, backend="foam")`` runs a stock AdamW/Adam step as FOAM; ``convert`` does
 the same without a compile; ``FOAM`` is the optimizer for new code; ``plan`` picks fold levels.

@@ -64,9 +64,7 @@ def _with_format(st: dict, fmt: StateFormat) -> dict:
     return st
 
 
-def new_state(
-    p: Tensor, level: int, moments: Moments, fmt: StateFormat, step_device="cpu"
-) -> dict:
+def new_state(p: Tensor, level: int, moments: Moments, fmt: StateFormat, step_device="cpu") -> dict:
     """Zero moments for ``p`` at ``level`` (its effective level) in format ``fmt``, step 0."""
     level = effective_level(p.shape, level)
     st: dict = {"step": torch.tensor(0.0, dtype=torch.float32, device=step_device)}
@@ -230,10 +228,10 @@ def prepare_load(
             new_states[sid] = st
             continue
         gi, pi, p, level, moments = id_map[sid]
-        st = to_foam_state(p, st, level=level, moments=moments, where=where, what=describe(p, gi, pi))
+        st = to_foam_state(
+            p, st, level=level, moments=moments, where=where, what=describe(p, gi, pi)
+        )
         new_states[sid] = st
         fmt = format_of(st)
-        tensors[p] = {
-            part: st[part] for key, _ in moments if key in st for part in fmt.keys(key)
-        }
+        tensors[p] = {part: st[part] for key, _ in moments if key in st for part in fmt.keys(key)}
     return {**state_dict, "state": new_states, "param_groups": saved_groups}, tensors

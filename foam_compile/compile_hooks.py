@@ -21,7 +21,11 @@ from .discovery import live_optimizers
 from .families import family_of
 from .optimizer import FOAM
 
-__all__ = ["convert_stock_optimizers_holding_folded_state", "install", "make_lrs_tensors_after_this_compile"]
+__all__ = [
+    "convert_stock_optimizers_holding_folded_state",
+    "install",
+    "make_lrs_tensors_after_this_compile",
+]
 
 log = logging.getLogger("foam_compile")
 
@@ -72,7 +76,8 @@ def convert_stock_optimizers_holding_folded_state() -> list[torch.optim.Optimize
             convert(opt, levels=levels)  # group options come from the loaded param groups
             log.warning(
                 "foam: %s held FOAM's folded state (a FOAM checkpoint loaded into a stock "
-                "optimizer); converted it to FOAM before tracing.", type(opt).__name__,
+                "optimizer); converted it to FOAM before tracing.",
+                type(opt).__name__,
             )
             converted.append(opt)
     return converted

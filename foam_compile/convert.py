@@ -65,14 +65,16 @@ def convert(
 ) -> torch.optim.Optimizer:
     """Convert a ``torch.optim.AdamW`` or ``Adam`` into FOAM in place, and return it.
 
-    Parameters fold at ``level`` (default 2) except embeddings, the output head, norms (names matching
-    ``keep_unfolded``) and 0-d/1-d parameters, which stay at level 0 (plain Adam); ``levels``
-    overrides per parameter name or tensor. ``scale`` (alpha) applies to folded parameters.
-    Existing moments are folded (a checkpointed run continues); ``fused=True`` and ``foreach``
-    optimizers convert too, since FOAM's own step replaces theirs. ``level="auto"`` calibrates
-    on the next ``calibration_steps`` real steps (run as AdamW) and then folds each parameter at
-    the level the planner picks under ``budget`` and/or ``max_error`` (see :class:`FOAM`). ``tensor_lr=True`` turns float
-    learning rates into 0-d tensors, so that a scheduler does not recompile a compiled step.
+    Parameters fold at ``level`` (default 2) except embeddings, the output head, norms (names
+    matching ``keep_unfolded``) and 0-d/1-d parameters, which stay at level 0 (plain Adam);
+    ``levels`` overrides per parameter name or tensor. ``scale`` (alpha) applies to folded
+    parameters. Existing moments are folded (a checkpointed run continues); ``fused=True`` and
+    ``foreach`` optimizers convert too, since FOAM's own step replaces theirs.
+
+    ``level="auto"`` calibrates on the next ``calibration_steps`` real steps (run as AdamW), then
+    folds each parameter at the level the planner picks under ``budget`` and/or ``max_error``
+    (see :class:`FOAM`). ``tensor_lr=True`` turns float learning rates into 0-d tensors, so that
+    a scheduler does not recompile a compiled step.
 
     One line to resume a FOAM checkpoint into a script that builds a stock AdamW::
 
@@ -100,14 +102,20 @@ def convert(
     ]
     check_params(optimizer.param_groups)
     check_autotune(
-        where, auto=any(o["level"] == "auto" for o in group_options), budget=budget,
-        max_error=max_error, calibration_steps=calibration_steps,
+        where,
+        auto=any(o["level"] == "auto" for o in group_options),
+        budget=budget,
+        max_error=max_error,
+        calibration_steps=calibration_steps,
     )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     chosen = choose_levels(
-        params, lambda p: _int_level(group_options[group_of[id(p)]]["level"]),
-        model=model, levels=levels, keep_unfolded=keep_unfolded,
+        params,
+        lambda p: _int_level(group_options[group_of[id(p)]]["level"]),
+        model=model,
+        levels=levels,
+        keep_unfolded=keep_unfolded,
     )
 
     # Build every new state first: a bad moment raises before the optimizer changes.
@@ -128,7 +136,10 @@ def convert(
     for p, state in new_states.items():
         optimizer.state[p] = state
     optimizer.autotune = dict(
-        budget=budget, max_error=max_error, steps=calibration_steps, model=model,
+        budget=budget,
+        max_error=max_error,
+        steps=calibration_steps,
+        model=model,
         keep_unfolded=keep_unfolded,
     )
     _check_autotune(optimizer, where)
@@ -146,7 +157,11 @@ def _foam_state(opt, family: Family, p: Tensor, group, hp, level, gi: int, pi: i
         fmt = get_format(DEFAULT_FORMAT)
         return checkpoint.new_state(p, level, moments, fmt, checkpoint.step_device(p, group))
     return checkpoint.to_foam_state(
-        p, old, level=level, moments=moments, where="foam_compile.convert",
+        p,
+        old,
+        level=level,
+        moments=moments,
+        where="foam_compile.convert",
         what=checkpoint.describe(p, gi, pi),
     )
 
@@ -185,9 +200,13 @@ class Explanation:
         return sum(r[4] for r in self.rows)
 
     def __str__(self) -> str:
-        lines = [f"{'parameter':<40} {'shape':<18} {'level':>5} {'FOAM state':>12} {'AdamW state':>12}"]
+        lines = [
+            f"{'parameter':<40} {'shape':<18} {'level':>5} {'FOAM state':>12} {'AdamW state':>12}"
+        ]
         for name, shape, level, foam, adam in self.rows:
-            lines.append(f"{name[:40]:<40} {str(list(shape)):<18} {level:>5} {foam:>12,} {adam:>12,}")
+            lines.append(
+                f"{name[:40]:<40} {str(list(shape)):<18} {level:>5} {foam:>12,} {adam:>12,}"
+            )
         ratio = self.state_bytes / max(self.adamw_bytes, 1)
         lines.append(
             f"{'total':<40} {'':<18} {'':>5} {self.state_bytes:>12,} {self.adamw_bytes:>12,}"
@@ -216,5 +235,7 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
                 if isinstance(t, Tensor) and k != "step"
             )
             adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
-            rows.append((names.get(id(p), f"group{gi}.param{pi}"), tuple(p.shape), level, foam, adam))
+            rows.append(
+                (names.get(id(p), f"group{gi}.param{pi}"), tuple(p.shape), level, foam, adam)
+            )
     return Explanation(rows)

@@ -23,10 +23,29 @@ from torch import Tensor
 from .reference import effective_level
 
 __all__ = [
-    "ROWS", "N", "LEVEL", "PARAM_SIZE", "GRAD_SIZE", "STATE_SIZE", "MOMENTS",
-    "BLOCKS", "STATE_BYTES", "ADAMW_STATE_BYTES", "STEP_BYTES", "ADAMW_STEP_BYTES",
-    "WHITE_NOISE_ERROR", "Cost", "cost", "dims", "max_useful_level", "state_bytes",
-    "adamw_state_bytes", "step_bytes", "adamw_step_bytes", "white_noise_error", "residual_energies",
+    "ROWS",
+    "N",
+    "LEVEL",
+    "PARAM_SIZE",
+    "GRAD_SIZE",
+    "STATE_SIZE",
+    "MOMENTS",
+    "BLOCKS",
+    "STATE_BYTES",
+    "ADAMW_STATE_BYTES",
+    "STEP_BYTES",
+    "ADAMW_STEP_BYTES",
+    "WHITE_NOISE_ERROR",
+    "Cost",
+    "cost",
+    "dims",
+    "max_useful_level",
+    "state_bytes",
+    "adamw_state_bytes",
+    "step_bytes",
+    "adamw_step_bytes",
+    "white_noise_error",
+    "residual_energies",
     "ErrorMeter",
 ]
 
@@ -123,8 +142,13 @@ def cost(
     level = effective_level(shape, int(level))
     rows, n = dims(shape)
     args = (
-        rows, n, level, _size(param_dtype), _size(grad_dtype or param_dtype),
-        _size(_state_dtype(param_dtype, state_dtype)), 3 if amsgrad else 2,
+        rows,
+        n,
+        level,
+        _size(param_dtype),
+        _size(grad_dtype or param_dtype),
+        _size(_state_dtype(param_dtype, state_dtype)),
+        3 if amsgrad else 2,
     )
     return Cost(
         shape=shape,
@@ -169,7 +193,8 @@ def white_noise_error(shape: torch.Size | tuple[int, ...], level: int) -> float:
 # ---------------------------------------------------------------------------------- error
 @torch.no_grad()
 def residual_energies(grad: Tensor, max_level: int) -> tuple[Tensor, Tensor]:
-    """``(r, e)``: ``r[l] = ||g - unfold(fold(g, l))||^2`` for ``l = 0..max_level``, ``e = ||g||^2``.
+    """``(r, e)``: ``r[l] = ||g - unfold(fold(g, l))||^2`` for ``l = 0..max_level``; ``e = ||g||^2``
+
 
     Float64 on ``grad``'s device. Uses ``||g - unfold(fold g)||^2 = ||g||^2 - sum_b S_b^2 / c_b``
     (block sums ``S_b`` over ``c_b`` elements), and block sums at level ``l+1`` are pair sums of

@@ -69,8 +69,10 @@ def parameter_names(params: Iterable[Tensor], model: nn.Module | None = None) ->
 def embedding_params(params: Iterable[Tensor], model: nn.Module | None = None) -> set[int]:
     """Ids of parameters owned by ``nn.Embedding``/``nn.EmbeddingBag`` modules."""
     wanted = {id(p) for p in params}
-    modules = model.modules() if model is not None else (
-        o for o in gc.get_objects() if issubclass(type(o), nn.Module)
+    modules = (
+        model.modules()
+        if model is not None
+        else (o for o in gc.get_objects() if issubclass(type(o), nn.Module))
     )
     return {
         id(p)
@@ -86,13 +88,13 @@ def _root_modules(wanted: set[int]) -> list[nn.Module]:
     # Dynamo's graph modules (and its fake root module) hold parameters under generated names:
     # they are not a user's model.
     modules = [
-        o for o in gc.get_objects()
+        o
+        for o in gc.get_objects()
         if issubclass(type(o), nn.Module)
         and not issubclass(type(o), torch.fx.GraphModule)
         and not type(o).__module__.startswith(("torch._dynamo", "torch.fx"))
     ]
     children = {id(c) for m in modules for c in m.children()}
     return [
-        m for m in modules
-        if id(m) not in children and any(id(p) in wanted for p in m.parameters())
+        m for m in modules if id(m) not in children and any(id(p) in wanted for p in m.parameters())
     ]

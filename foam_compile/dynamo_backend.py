@@ -66,12 +66,21 @@ class FoamBackend:
         where = "foam_compile.backend"
         check_options(where, level=level, scale=scale, res_scale=res_scale)
         check_autotune(
-            where, auto=level == "auto", budget=budget, max_error=max_error,
+            where,
+            auto=level == "auto",
+            budget=budget,
+            max_error=max_error,
             calibration_steps=calibration_steps,
         )
         self.convert_options = dict(
-            level=level, scale=scale, res_scale=res_scale, levels=levels, model=model,
-            keep_unfolded=keep_unfolded, budget=budget, max_error=max_error,
+            level=level,
+            scale=scale,
+            res_scale=res_scale,
+            levels=levels,
+            model=model,
+            keep_unfolded=keep_unfolded,
+            budget=budget,
+            max_error=max_error,
             calibration_steps=calibration_steps,
         )
         self.tensor_lr = tensor_lr
@@ -83,7 +92,11 @@ class FoamBackend:
         tensors = list(graph_tensors(gm, example_inputs).values())
         if self.optimizers is not None:
             ids = {id(t) for t in tensors}
-            found = [o for o in self.optimizers if any(id(p) in ids for g in o.param_groups for p in g["params"])]
+            found = [
+                o
+                for o in self.optimizers
+                if any(id(p) in ids for g in o.param_groups for p in g["params"])
+            ]
         else:
             found = optimizers_owning(tensors)
         self._check(found)
@@ -115,14 +128,16 @@ class FoamBackend:
             known = family_of(opt) is not None
             if known and any(g.get("fused") for g in opt.param_groups):
                 _warn_once(
-                    opt, "fused",
+                    opt,
+                    "fused",
                     f"backend='foam': torch.optim.{name}(fused=True) is never traced by "
                     "torch.compile, so its step still runs plain Adam. Fix: call "
                     "foam_compile.convert(optimizer) once after creating it.",
                 )
             elif not known and opt.state:
                 _warn_once(
-                    opt, "unknown",
+                    opt,
+                    "unknown",
                     f"backend='foam': no FOAM rewrite for {name} (only {supported_names()}); "
                     "its step is compiled unchanged by Inductor.",
                 )
@@ -139,7 +154,8 @@ def _remind_if_stepped_eagerly(opt: torch.optim.Optimizer) -> None:
         if torch.compiler.is_compiling() or isinstance(optimizer, FOAM):
             return
         _warn_once(
-            optimizer, "eager",
+            optimizer,
+            "eager",
             f"backend='foam': this {type(optimizer).__name__} stepped outside the compiled "
             "function, so it ran plain Adam. Fix: call optimizer.step() inside the function "
             "compiled with backend='foam', or foam_compile.convert(optimizer) once.",

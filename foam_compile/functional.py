@@ -49,4 +49,6 @@ def foam_adam_(
         for s in steps:
             s += 1
     for backend, idx in backends.plan(params, grads, states, hp):
-        backend.step_([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], hp)
+        backend.step_(
+            [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], hp
+        )

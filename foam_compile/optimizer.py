@@ -31,7 +31,13 @@ __all__ = ["FOAM", "FOAM_AUTOTUNE", "check_autotune", "check_params"]
 
 log = logging.getLogger("foam_compile")
 
-FOAM_AUTOTUNE = {"budget": None, "max_error": None, "steps": 8, "model": None, "keep_unfolded": None}
+FOAM_AUTOTUNE = {
+    "budget": None,
+    "max_error": None,
+    "steps": 8,
+    "model": None,
+    "keep_unfolded": None,
+}
 
 
 def check_params(groups: Iterable[dict]) -> None:
@@ -90,9 +96,17 @@ class FOAM(torch.optim.Optimizer):
         calibration_steps: int = 8,
     ):
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, level=level, scale=scale,
-            res_scale=res_scale, amsgrad=amsgrad, maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay, capturable=capturable,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            level=level,
+            scale=scale,
+            res_scale=res_scale,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            capturable=capturable,
         )
         Hyper.from_group(defaults)
         super().__init__(params, defaults)
@@ -248,7 +262,9 @@ class FOAM(torch.optim.Optimizer):
         """
         family = self.foam_family
         prepared, tensors = checkpoint.prepare_load(
-            self, state_dict, where="FOAM.load_state_dict",
+            self,
+            state_dict,
+            where="FOAM.load_state_dict",
             moments_of_group=lambda g: family.moments(family.hyper(g)),
         )
         foam_keys = [{k: g.get(k, v) for k, v in GROUP_DEFAULTS.items()} for g in self.param_groups]
@@ -304,7 +320,9 @@ def _check_autotune(opt, where: str = "FOAM") -> None:
     """Arm the calibration of ``level='auto'`` groups (also used by ``convert``)."""
     auto = any(g.get("level") == "auto" and not g.get("auto_planned") for g in opt.param_groups)
     check_autotune(
-        where, auto=auto, budget=opt.autotune.get("budget"),
+        where,
+        auto=auto,
+        budget=opt.autotune.get("budget"),
         max_error=opt.autotune.get("max_error"),
         calibration_steps=opt.autotune.get("steps", 8),
     )
@@ -339,4 +357,3 @@ def _make_tuner(opt):
 def _int_level(level) -> int:
     """The level a group runs at now: ``'auto'`` runs as AdamW (level 0) until calibrated."""
     return 0 if level == "auto" else level
-

@@ -26,8 +26,15 @@ from .cost_model import ErrorMeter, cost, max_useful_level, white_noise_error
 from .policy import KEEP_UNFOLDED  # the paper's recipe: embeddings, the output head, norms
 
 __all__ = [
-    "DEFAULT_LEVELS", "KEEP_UNFOLDED", "keeps_module", "Plan", "PlanEntry", "plan",
-    "plan_params", "calibrate_meter", "AutoTuner",
+    "DEFAULT_LEVELS",
+    "KEEP_UNFOLDED",
+    "keeps_module",
+    "Plan",
+    "PlanEntry",
+    "plan",
+    "plan_params",
+    "calibrate_meter",
+    "AutoTuner",
 ]
 
 DEFAULT_LEVELS = range(0, 9)
@@ -35,7 +42,10 @@ DEFAULT_LEVELS = range(0, 9)
 
 def keeps_module(module: nn.Module) -> bool:
     """Default module rule: embeddings and norms (any class named ``*Norm*``) stay at level 0."""
-    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or "norm" in type(module).__name__.lower()
+    return (
+        isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        or "norm" in type(module).__name__.lower()
+    )
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -105,8 +115,15 @@ class Plan:
         """A table: name, shape, level, state bytes, AdamW's, error, why; then the totals."""
         head = ("name", "shape", "level", "state B", "AdamW B", "error", "why")
         rows = [
-            (" | ".join(e.aliases), "x".join(map(str, e.shape)) or "scalar", str(e.level),
-             f"{e.state_bytes:,}", f"{e.adamw_state_bytes:,}", f"{e.error:.4f}", e.why)
+            (
+                " | ".join(e.aliases),
+                "x".join(map(str, e.shape)) or "scalar",
+                str(e.level),
+                f"{e.state_bytes:,}",
+                f"{e.adamw_state_bytes:,}",
+                f"{e.error:.4f}",
+                e.why,
+            )
             for e in self.entries
         ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -117,28 +134,36 @@ class Plan:
                 for i, (c, w) in enumerate(zip(cells, widths))
             ).rstrip()
 
-        step, adamw_step = (sum(getattr(e, k) for e in self.entries) for k in ("step_bytes", "adamw_step_bytes"))
+        step, adamw_step = (
+            sum(getattr(e, k) for e in self.entries) for k in ("step_bytes", "adamw_step_bytes")
+        )
         limits = []
         if self.budget is not None:
             limits.append(f"budget {self.budget:.1%}")
         if self.max_error is not None:
             limits.append(f"max_error {self.max_error:.4f}")
         solver = "exact" if self.exact else f"within {self.slack_bytes:,} B of optimal"
-        calib = f"{self.calibration_steps} calibration steps" if self.calibration_steps else "no calibration"
+        calib = (
+            f"{self.calibration_steps} calibration steps"
+            if self.calibration_steps
+            else "no calibration"
+        )
         prior = sum(e.why == "planned (prior)" for e in self.entries)
         if prior:
             calib += f"; {prior} tensors unmeasured (white-noise prior)"
-        return "\n".join([
-            line(head),
-            line(["-" * w for w in widths]),
-            *map(line, rows),
-            "",
-            f"state: {_human(self.state_bytes)} vs AdamW {_human(self.adamw_state_bytes)} "
-            f"({self.state_fraction:.1%}); {', '.join(limits)}",
-            f"error: {self.error:.4f} (element-weighted mean residual share); {calib}",
-            f"bytes moved per fused step: {_human(step)} vs AdamW {_human(adamw_step)}",
-            f"solver: {solver}",
-        ])
+        return "\n".join(
+            [
+                line(head),
+                line(["-" * w for w in widths]),
+                *map(line, rows),
+                "",
+                f"state: {_human(self.state_bytes)} vs AdamW {_human(self.adamw_state_bytes)} "
+                f"({self.state_fraction:.1%}); {', '.join(limits)}",
+                f"error: {self.error:.4f} (element-weighted mean residual share); {calib}",
+                f"bytes moved per fused step: {_human(step)} vs AdamW {_human(adamw_step)}",
+                f"solver: {solver}",
+            ]
+        )
 
 
 def _human(n: int) -> str:
@@ -304,9 +329,12 @@ def plan_params(
         why = (
             f"the least state possible is {least / max(adamw, 1):.1%} of AdamW's"
             if math.isinf(err.best_error)
-            else f"the least error within the budget is {(fixed_error + err.best_error) / numel:.4f}"
+            else "the least error within the budget is "
+            f"{(fixed_error + err.best_error) / numel:.4f}"
         )
-        raise ValueError(f"plan: no plan meets budget={budget}, max_error={max_error}: {why}") from None
+        raise ValueError(
+            f"plan: no plan meets budget={budget}, max_error={max_error}: {why}"
+        ) from None
     for (i, cands, _, shares), j in zip(free, picked):
         e = entries[i]
         entries[i] = _entry(list(e.aliases), e.param, cands[j], shares, e.why, amsgrad)
@@ -336,10 +364,18 @@ def _errors_for(errors, names, shape, top) -> tuple[list[float], bool]:
 def _entry(names, p, level, shares, why, amsgrad) -> PlanEntry:
     c = cost(p.shape, level, param_dtype=p.dtype, amsgrad=amsgrad)
     return PlanEntry(
-        name=names[0], aliases=tuple(names), shape=tuple(p.shape), numel=p.numel(),
-        level=c.level, state_bytes=c.state_bytes, adamw_state_bytes=c.adamw_state_bytes,
-        step_bytes=c.step_bytes, adamw_step_bytes=c.adamw_step_bytes,
-        error=shares[min(c.level, len(shares) - 1)], why=why, param=p,
+        name=names[0],
+        aliases=tuple(names),
+        shape=tuple(p.shape),
+        numel=p.numel(),
+        level=c.level,
+        state_bytes=c.state_bytes,
+        adamw_state_bytes=c.adamw_state_bytes,
+        step_bytes=c.step_bytes,
+        adamw_step_bytes=c.adamw_step_bytes,
+        error=shares[min(c.level, len(shares) - 1)],
+        why=why,
+        param=p,
     )
 
 
@@ -348,7 +384,9 @@ def _model_params(model: nn.Module, keep_modules: Callable[[nn.Module], bool] | 
     """``(name, param)`` with tied names repeated, and the tensors the module rule keeps."""
     named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
     keep = [
-        p for m in model.modules() if keep_modules is not None and keep_modules(m)
+        p
+        for m in model.modules()
+        if keep_modules is not None and keep_modules(m)
         for p in m.parameters(recurse=False)
     ]
     return named, keep
@@ -381,7 +419,11 @@ def calibrate_meter(
     named = _canonical(_model_params(model, None)[0])
     if not callable(calibrate):
         first = {id(p): c for c, p in named}
-        alias = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in first}
+        alias = {
+            n: first[id(p)]
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in first
+        }
         for grads in calibrate:
             for name, g in grads.items():
                 meter.update(alias.get(name, name), g)
@@ -404,7 +446,10 @@ def plan(
     *,
     budget: float | None = None,
     max_error: float | None = None,
-    calibrate: Callable[[nn.Module], object] | Iterable[Mapping[str, Tensor]] | ErrorMeter | None = None,
+    calibrate: Callable[[nn.Module], object]
+    | Iterable[Mapping[str, Tensor]]
+    | ErrorMeter
+    | None = None,
     steps: int = 8,
     levels: Iterable[int] = DEFAULT_LEVELS,
     keep_unfolded: Iterable[str] = KEEP_UNFOLDED,
@@ -428,14 +473,25 @@ def plan(
     """
     levels = list(levels)
     named, keep = _model_params(model, keep_modules)
-    meter = calibrate if isinstance(calibrate, ErrorMeter) or calibrate is None else (
-        calibrate_meter(model, calibrate, steps=steps, max_level=max(levels))
+    meter = (
+        calibrate
+        if isinstance(calibrate, ErrorMeter) or calibrate is None
+        else (calibrate_meter(model, calibrate, steps=steps, max_level=max(levels)))
     )
     done = 0 if meter is None else max((meter.steps(k) for k in meter.keys()), default=0)
     return plan_params(
-        named, meter, budget=budget, max_error=max_error, levels=levels,
-        keep_unfolded=keep_unfolded, fold_anyway=fold_anyway, keep=keep, fixed=fixed,
-        amsgrad=amsgrad, resolution=resolution, calibration_steps=done,
+        named,
+        meter,
+        budget=budget,
+        max_error=max_error,
+        levels=levels,
+        keep_unfolded=keep_unfolded,
+        fold_anyway=fold_anyway,
+        keep=keep,
+        fixed=fixed,
+        amsgrad=amsgrad,
+        resolution=resolution,
+        calibration_steps=done,
     )
 
 

@@ -22,7 +22,7 @@ def effective_level(shape: torch.Size | tuple[int, ...], level: int) -> int:
 
 
 def folded_shape(shape: torch.Size | tuple[int, ...], level: int) -> tuple[int, ...]:
-    """``[..., n] -> [..., ceil(n / 2**level)]``; leading dims are kept (blocks never cross rows)."""
+    """``[..., n] -> [..., ceil(n / 2**level)]``, leading dims kept (blocks never cross rows)."""
     shape = tuple(shape)
     if level == 0 or not shape:
         return shape

@@ -88,7 +88,7 @@ def compute_dtype(p: Tensor) -> torch.dtype:
 
 
 def _gradient(p: Tensor, g: Tensor, hp: Hyper, compute: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(p, g)`` in the compute dtype, ``g`` negated for ``maximize``, with Adam's coupled decay."""
+    """``(p, g)`` in the compute dtype; ``g`` negated for maximize, plus Adam's coupled decay."""
     pf, gf = p.to(compute), g.to(compute)
     if hp.maximize:
         gf = -gf

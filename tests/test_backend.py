@@ -29,6 +29,7 @@ def test_converting_graph_runs_once_without_inductor(fresh_dynamo, monkeypatch):
 
     compiled = []
     real = inductor.compile_fx
+
     def counting(gm, example_inputs, **kw):
         compiled.append(gm)
         return real(gm, example_inputs, **kw)
@@ -53,8 +54,13 @@ def test_compiled_stock_optimizer_matches_eager_foam(cls, foreach, fresh_dynamo)
     model, ref_model = tiny_model(), tiny_model()
     wd = 0.05
     opt = cls(model.parameters(), lr=0.02, weight_decay=wd, foreach=foreach)
-    ref = FOAM(ref_model.parameters(), lr=0.02, weight_decay=wd, level=2,
-               decoupled_weight_decay=cls is torch.optim.AdamW)
+    ref = FOAM(
+        ref_model.parameters(),
+        lr=0.02,
+        weight_decay=wd,
+        level=2,
+        decoupled_weight_decay=cls is torch.optim.AdamW,
+    )
     step = compiled_step(opt)
     for x, y in batches(5):
         set_grads(model, x, y)
@@ -65,7 +71,9 @@ def test_compiled_stock_optimizer_matches_eager_foam(cls, foreach, fresh_dynamo)
     assert fresh_dynamo["foam"]["fold_adam_states"] == 1
     assert max_rel_diff(model.parameters(), ref_model.parameters()) < 1e-5
     for p, q in zip(model.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-10
+        )
 
 
 def test_whole_train_step_trains_without_recompiles(fresh_dynamo):
@@ -157,7 +165,10 @@ def test_checkpoint_paths(fresh_dynamo, tmp_path):
     buf = io.BytesIO()
     torch.save(exported, buf)
     buf.seek(0)
-    assert torch.load(buf, weights_only=True)["param_groups"][0]["lr"] == exported["param_groups"][0]["lr"]
+    assert (
+        torch.load(buf, weights_only=True)["param_groups"][0]["lr"]
+        == exported["param_groups"][0]["lr"]
+    )
 
 
 def test_stock_checkpoint_folds_into_converted_optimizer():
@@ -172,7 +183,9 @@ def test_stock_checkpoint_folds_into_converted_optimizer():
     for pid, p in enumerate(model.parameters()):
         level = opt.state[p]["foam_level"]
         assert level == (2 if p.dim() >= 2 else 0)
-        torch.testing.assert_close(opt.state[p]["exp_avg"], fold(sd["state"][pid]["exp_avg"], level))
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg"], fold(sd["state"][pid]["exp_avg"], level)
+        )
     set_grads(model, *batches(4)[3])
     opt.step()  # and it steps
 
@@ -212,7 +225,8 @@ def test_backend_is_found_by_name_in_a_fresh_process():
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
         m(torch.randn(2, 8)).sum().backward()
         torch.compile(lambda: opt.step(), backend="foam")()
-        print(type(opt).__name__, tuple(opt.state[m.weight]["exp_avg"].shape), "foam_compile" in sys.modules)
+        print(type(opt).__name__, tuple(opt.state[m.weight]["exp_avg"].shape),
+              "foam_compile" in sys.modules)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

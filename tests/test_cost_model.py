@@ -75,8 +75,11 @@ def test_per_element_figures_of_algorithm_md(dtype, level, adamw, foam):
 
 @settings(max_examples=200, deadline=None)
 @given(
-    rows=st.integers(1, 10**6), n=st.integers(1, 10**7), level=st.integers(0, 20),
-    sizes=st.tuples(*[st.sampled_from([1, 2, 4, 8])] * 3), k=st.sampled_from([2, 3]),
+    rows=st.integers(1, 10**6),
+    n=st.integers(1, 10**7),
+    level=st.integers(0, 20),
+    sizes=st.tuples(*[st.sampled_from([1, 2, 4, 8])] * 3),
+    k=st.sampled_from([2, 3]),
 )
 def test_fast_evaluation_equals_exact_sympy(rows, n, level, sizes, k):
     """cost() evaluates lambdified formulas; they must equal sympy's exact integer arithmetic."""

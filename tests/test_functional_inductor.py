@@ -98,8 +98,11 @@ def test_level2_update_is_two_loop_nests_without_gathers_or_temporaries(dtype, f
     assert "std::exp" in src and all("std::exp" not in body for body in loops)
     # Two loop nests: the 2048 blocks (new moments), then the parameter's own [64, 128] range.
     assert len(loops) == 2, src
-    headers = re.findall(r"for\(int64_t (x\d)=\S+; x\d<static_cast<int64_t>\((\d+)L\); "
-                         r"x\d\+=static_cast<int64_t>\((\d+)L\)", src)
+    headers = re.findall(
+        r"for\(int64_t (x\d)=\S+; x\d<static_cast<int64_t>\((\d+)L\); "
+        r"x\d\+=static_cast<int64_t>\((\d+)L\)",
+        src,
+    )
     assert [(v, int(size)) for v, size, _ in headers] == [("x0", 2048), ("x0", rows), ("x1", n)]
     if vectorised_cpu():
         assert int(headers[2][2]) > 1, "the element loop is not vectorised"
@@ -111,8 +114,15 @@ def test_level2_update_is_two_loop_nests_without_gathers_or_temporaries(dtype, f
 
 HYPERS = {
     "adamw": Hyper(lr=1e-2),
-    "everything": Hyper(lr=3e-2, betas=(0.8, 0.95), weight_decay=0.05, amsgrad=True,
-                        maximize=True, scale=0.25, res_scale=2.0),
+    "everything": Hyper(
+        lr=3e-2,
+        betas=(0.8, 0.95),
+        weight_decay=0.05,
+        amsgrad=True,
+        maximize=True,
+        scale=0.25,
+        res_scale=2.0,
+    ),
     "coupled": Hyper(lr=1e-2, decoupled_weight_decay=False, weight_decay=0.1),
 }
 # (shape, level, option, dtype): whole blocks, partial last blocks (37 = 9*4 + 1, 3 < one block),

@@ -279,7 +279,7 @@ def test_bfloat16_params_within_bf16_rounding_of_model(option, shape, level):
 
 @pytest.mark.parametrize("shape, level", [((4, 37), 0), ((4, 37), 2), ((2, 3, 13), 8)], ids=str)
 def test_bfloat16_each_step_is_one_rounding_of_the_model_step(shape, level):
-    """Per step, from the optimizer's own bf16 weights: within one bf16 rounding of the exact step."""
+    """Per step, from the optimizer's own bf16 weights: within a bf16 rounding of the exact step."""
     hp = OPTIONS["amsgrad"]
     gen = generator("bf16-per-step", shape, level)
     p = param(shape, gen, BF16, std=0.1)
@@ -766,7 +766,7 @@ def test_empty_params_step():
         (dict(lr=torch.tensor(-1.0)), r"invalid lr=-1\.0"),
         (dict(weight_decay=-0.1), r"invalid weight_decay=-0\.1; use weight_decay >= 0"),
         (dict(scale=-1.0), r"invalid scale=-1\.0; use a finite number > 0"),
-            (dict(scale=0.0), r"invalid scale=0\.0; use a finite number > 0"),
+        (dict(scale=0.0), r"invalid scale=0\.0; use a finite number > 0"),
         (dict(scale=float("inf")), r"invalid scale=inf"),
         (dict(scale=float("nan")), r"invalid scale=nan"),
         (dict(res_scale=-0.5), r"invalid res_scale=-0\.5"),
@@ -849,7 +849,8 @@ def test_state_of_wrong_shape_is_rejected_at_step():
     opt.state[p]["exp_avg"] = torch.zeros(3, 4)
     with pytest.raises(
         RuntimeError,
-        match=r"exp_avg of parameter 0 of param group 0 \(shape \[3, 8\].*has shape \[3, 4\], expected \[3, 2\] for level 2",
+        match=r"exp_avg of parameter 0 of param group 0 \(shape \[3, 8\].*has shape \[3, 4\], "
+        r"expected \[3, 2\] for level 2",
     ):
         opt.step()
 
@@ -868,7 +869,9 @@ def test_load_state_dict_rejects_shapes_that_do_not_fit():
     opt = FOAM([param((4, 20), gen)], level=2)
     with pytest.raises(
         ValueError,
-        match=r"'exp_avg' of parameter 0 of param group 0 \(shape \[4, 20\].*has shape \[4, 4\], expected \[4, 5\] \(folded at level 2\)\. Was the checkpoint saved for a different model or fold level\?",
+        match=r"'exp_avg' of parameter 0 of param group 0 \(shape \[4, 20\].*has shape \[4, 4\], "
+        r"expected \[4, 5\] \(folded at level 2\)\. Was the checkpoint saved for a different model "
+        r"or fold level\?",
     ):
         opt.load_state_dict(sd)
 

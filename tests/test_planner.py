@@ -18,7 +18,8 @@ from foam_compile.planner import AutoTuner, calibrate_meter, plan, plan_params
 dims = st.integers(1, 300)
 shapes = st.lists(
     st.one_of(st.tuples(dims, dims), st.tuples(st.integers(1, 4), dims, dims), st.tuples(dims)),
-    min_size=1, max_size=6,
+    min_size=1,
+    max_size=6,
 )
 
 
@@ -109,7 +110,9 @@ small = st.lists(st.tuples(st.integers(1, 8), st.integers(1, 40)), min_size=1, m
 def test_exact_solver_matches_brute_force(shape_list, data):
     levels = range(0, 4)
     params = [(f"p{i}", torch.empty(s, device="meta")) for i, s in enumerate(shape_list)]
-    errors = {n: [0.0] + data.draw(st.lists(st.floats(0, 1), min_size=3, max_size=3)) for n, _ in params}
+    errors = {
+        n: [0.0] + data.draw(st.lists(st.floats(0, 1), min_size=3, max_size=3)) for n, _ in params
+    }
     adamw = sum(state_bytes(p.shape, 0) for _, p in params)
     numel = sum(p.numel() for _, p in params)
     budget = data.draw(st.floats(0.0, 1.0))
@@ -139,7 +142,9 @@ def test_rounded_solver_keeps_its_stated_bound(shape_list, data):
     """With few cells the plan still fits, and is no worse than the optimum of budget - slack."""
     levels = range(0, 4)
     params = [(f"p{i}", torch.empty(s, device="meta")) for i, s in enumerate(shape_list)]
-    errors = {n: [0.0] + data.draw(st.lists(st.floats(0, 1), min_size=3, max_size=3)) for n, _ in params}
+    errors = {
+        n: [0.0] + data.draw(st.lists(st.floats(0, 1), min_size=3, max_size=3)) for n, _ in params
+    }
     adamw = sum(state_bytes(p.shape, 0) for _, p in params)
     numel = sum(p.numel() for _, p in params)
     budget = data.draw(st.floats(0.0, 1.0))
@@ -190,7 +195,16 @@ def test_calibration_folds_the_smooth_layer_deeper(limit):
     assert levels["smooth.weight"] > levels["rough.weight"], result.report()
     assert result.calibration_steps == 4
     for lv in range(1, 7):  # the measurement itself: smooth rows lose less at every level
-        by = {e.name: e for e in plan(model, calibrate=_calibration(), steps=2, fixed={"smooth.weight": lv, "rough.weight": lv}, budget=1.0).entries}
+        by = {
+            e.name: e
+            for e in plan(
+                model,
+                calibrate=_calibration(),
+                steps=2,
+                fixed={"smooth.weight": lv, "rough.weight": lv},
+                budget=1.0,
+            ).entries
+        }
         assert by["smooth.weight"].error < by["rough.weight"].error
 
 
@@ -286,13 +300,15 @@ class MyRMSNorm(nn.Module):
 
 
 def test_keep_rules_overrides_and_cap():
-    model = nn.ModuleDict({
-        "tok_embeddings": nn.Embedding(10, 8),
-        "block": nn.Linear(8, 5),
-        "odd": nn.Linear(5, 8),
-        "head": nn.Linear(8, 10),
-        "scale": MyRMSNorm((4, 8)),
-    })
+    model = nn.ModuleDict(
+        {
+            "tok_embeddings": nn.Embedding(10, 8),
+            "block": nn.Linear(8, 5),
+            "odd": nn.Linear(5, 8),
+            "head": nn.Linear(8, 10),
+            "scale": MyRMSNorm((4, 8)),
+        }
+    )
     result = plan(model, budget=1.0, levels=[8], calibrate=None)
     lv = result.levels
     assert lv["tok_embeddings.weight"] == 0 and lv["head.weight"] == 0 and lv["scale.weight"] == 0

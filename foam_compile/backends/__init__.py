@@ -87,7 +87,9 @@ def prepare(tensors: Sequence[Tensor]) -> None:
 
 
 def _say_once(key: tuple, level: int, message: str, *args) -> None:
-    if key not in _SAID and not torch.compiler.is_compiling():  # logging is not traced; the eager call says it
+    if (
+        key not in _SAID and not torch.compiler.is_compiling()
+    ):  # logging is not traced; the eager call says it
         _SAID.add(key)
         log.log(level, message, *args)
 
@@ -107,15 +109,24 @@ def select(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> Mod
             if declined:
                 name, why = declined[0]
                 _say_once(
-                    (device, name, why), logging.INFO,
+                    (device, name, why),
+                    logging.INFO,
                     "foam: a %s parameter (%s, level %d) runs the %r step backend: %s",
-                    device, p.dtype, level, entry.name, why,
+                    device,
+                    p.dtype,
+                    level,
+                    entry.name,
+                    why,
                 )
-            elif entry.devices is None and not any(b.devices for b in _REGISTRY if b.serves(device)):
+            elif entry.devices is None and not any(
+                b.devices for b in _REGISTRY if b.serves(device)
+            ):
                 _say_once(
-                    (device,), logging.WARNING,
+                    (device,),
+                    logging.WARNING,
                     "foam: no fast step for %s parameters; they run the plain-torch update "
-                    "(correct, not fused)", device,
+                    "(correct, not fused)",
+                    device,
                 )
             return module
         declined.append((entry.name, reason))

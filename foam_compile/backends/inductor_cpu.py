@@ -1,4 +1,4 @@
-"""``torch.ops.foam.folded_update_``: the folded FOAM step as one op, with its own Inductor lowering.
+"""``torch.ops.foam.folded_update_``: the folded FOAM step as one op with its own Inductor lowering.
 
 Why an op with a hand-written lowering rather than plain torch for Inductor to fuse: the element
 update needs, per 8-lane vector, the block sums of two blocks (8 scalar loads of ``g``), their two
@@ -80,10 +80,22 @@ def step_(
             return torch.tensor(x, dtype=compute, device=device)
 
         torch.ops.foam.folded_update_(
-            p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if hp.amsgrad else None,
-            tensor(step_size), tensor(inv_sqrt_bc2),
+            p,
+            g,
+            st["exp_avg"],
+            st["exp_avg_sq"],
+            st.get("max_exp_avg_sq") if hp.amsgrad else None,
+            tensor(step_size),
+            tensor(inv_sqrt_bc2),
             None if isinstance(decay, float) and decay == 1.0 else tensor(decay),
-            level, hp.beta1, hp.beta2, hp.eps, coupled, hp.maximize, hp.res_scale, VERSION,
+            level,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            coupled,
+            hp.maximize,
+            hp.res_scale,
+            VERSION,
         )
 
 
@@ -117,20 +129,49 @@ def folded_update_(
     changed lowering never reuses a compiled graph cached by an older one.
     """
     hp = Hyper(
-        lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=coupled_weight_decay,
+        lr=0.0,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=coupled_weight_decay,
         decoupled_weight_decay=coupled_weight_decay == 0.0,
-        amsgrad=max_exp_avg_sq is not None, maximize=maximize, res_scale=res_scale,
+        amsgrad=max_exp_avg_sq is not None,
+        maximize=maximize,
+        res_scale=res_scale,
     )
     folded_step_(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level,
-        step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2,
-        decay=1.0 if decay is None else decay, hp=hp,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+        level,
+        step_size=step_size,
+        inv_sqrt_bc2=inv_sqrt_bc2,
+        decay=1.0 if decay is None else decay,
+        hp=hp,
     )
 
 
 @folded_update_.register_fake
-def _fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt_bc2, decay,
-          level, beta1, beta2, eps, coupled_weight_decay, maximize, res_scale, version) -> None:
+def _fake(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    step_size,
+    inv_sqrt_bc2,
+    decay,
+    level,
+    beta1,
+    beta2,
+    eps,
+    coupled_weight_decay,
+    maximize,
+    res_scale,
+    version,
+) -> None:
     _register_lowering()  # tracing for Inductor comes through here first
     return None
 
@@ -149,8 +190,24 @@ def _lanes(dtype: torch.dtype) -> int:
         return 8
 
 
-def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt_bc2, decay,
-           level, beta1, beta2, eps, coupled_weight_decay, maximize, res_scale, version):
+def _lower(  # noqa: C901 - one Inductor IR builder; the CPU kernel of issue 16 replaces it
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    step_size,
+    inv_sqrt_bc2,
+    decay,
+    level,
+    beta1,
+    beta2,
+    eps,
+    coupled_weight_decay,
+    maximize,
+    res_scale,
+    version,
+):
     import sympy
     from torch._inductor import ir
     from torch._inductor.lowering import mutate_to
@@ -164,8 +221,22 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
         from torch._inductor.lowering import fallback_handler
 
         return fallback_handler(torch.ops.foam.folded_update_.default, add_to_fallback_set=False)(
-            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt_bc2, decay,
-            level, beta1, beta2, eps, coupled_weight_decay, maximize, res_scale, version,
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+            step_size,
+            inv_sqrt_bc2,
+            decay,
+            level,
+            beta1,
+            beta2,
+            eps,
+            coupled_weight_decay,
+            maximize,
+            res_scale,
+            version,
         )
     compute = step_size.get_dtype()
     n = int(sizes[-1])
@@ -228,8 +299,9 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
         """The new ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` of block ``b``, from the old."""
         gb, qb = block_means(lead, b, squares=which != "m")
         if which == "m":
-            return ops.add(ops.mul(load_m([*lead, b]), const(beta1)),
-                           ops.mul(gb, const(1.0 - beta1)))
+            return ops.add(
+                ops.mul(load_m([*lead, b]), const(beta1)), ops.mul(gb, const(1.0 - beta1))
+            )
         v_new = ops.add(ops.mul(load_v([*lead, b]), const(beta2)), ops.mul(qb, const(1.0 - beta2)))
         return ops.maximum(load_vmax([*lead, b]), v_new) if which == "vmax" else v_new
 
@@ -250,8 +322,9 @@ def _lower(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, inv_sqrt
         for j in range(k):
             b = FloorDiv(x, lanes) * k + j
             b = sympy.Min(b, nb - 1) if ragged else b
-            per_block.append((block_means(lead, b, squares=False)[0], load_m([*lead, b]),
-                              load_v_use([*lead, b])))
+            per_block.append(
+                (block_means(lead, b, squares=False)[0], load_m([*lead, b]), load_v_use([*lead, b]))
+            )
 
         def pick(i):  # this lane's block
             out = per_block[k - 1][i]
@@ -301,9 +374,7 @@ def _register_lowering() -> None:
     try:
         from torch._inductor.lowering import register_lowering
 
-        register_lowering(torch.ops.foam.folded_update_.default, type_promotion_kind=None)(
-            _lower
-        )
+        register_lowering(torch.ops.foam.folded_update_.default, type_promotion_kind=None)(_lower)
     except Exception as exc:  # Inductor then calls the op itself: correct, just not fused
         log.warning("foam_compile: no Inductor lowering for foam::folded_update_ (%s)", exc)
 

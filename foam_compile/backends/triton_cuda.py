@@ -73,9 +73,15 @@ def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> s
 def _hyper_kwargs(hp: Hyper) -> dict:
     """The ops' scalar arguments (``lr`` is split into a number and a tensor by the caller)."""
     return dict(
-        beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay,
-        decoupled_weight_decay=hp.decoupled_weight_decay, amsgrad=hp.amsgrad,
-        maximize=hp.maximize, scale=hp.scale, res_scale=hp.res_scale,
+        beta1=hp.beta1,
+        beta2=hp.beta2,
+        eps=hp.eps,
+        weight_decay=hp.weight_decay,
+        decoupled_weight_decay=hp.decoupled_weight_decay,
+        amsgrad=hp.amsgrad,
+        maximize=hp.maximize,
+        scale=hp.scale,
+        res_scale=hp.res_scale,
     )
 
 
@@ -85,11 +91,16 @@ def step_(
     """One grouped launch per (dtype, level) for the whole list."""
     lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
     torch.ops.foam.adam_step_grouped_(
-        list(params), list(grads), [st["exp_avg"] for st in states],
+        list(params),
+        list(grads),
+        [st["exp_avg"] for st in states],
         [st["exp_avg_sq"] for st in states],
         [st["max_exp_avg_sq"] for st in states] if hp.amsgrad else [],
-        [st["step"] for st in states], [st["foam_level"] for st in states],
-        float(hp.lr) if lr_tensor is None else 0.0, lr_tensor, **_hyper_kwargs(hp),
+        [st["step"] for st in states],
+        [st["foam_level"] for st in states],
+        float(hp.lr) if lr_tensor is None else 0.0,
+        lr_tensor,
+        **_hyper_kwargs(hp),
     )
 
 
@@ -124,9 +135,16 @@ def _adam_step_impl(
     kw = dict(
         step=step if step_tensor is None else step_tensor,
         lr=lr if lr_tensor is None else lr_tensor,
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, level=level,
-        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
-        scale=scale, res_scale=res_scale,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        level=level,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
     )
     # The interpreter runs on real memory and cannot be traced: when torch.compile traces this op
     # on CPU, the plain-torch body is what it sees.
@@ -136,16 +154,32 @@ def _adam_step_impl(
         _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
 
 
-def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, step_tensor, lr,
-                    lr_tensor, beta1, beta2, eps, weight_decay, level, decoupled_weight_decay,
-                    amsgrad, maximize, scale, res_scale) -> None:
+def _adam_step_fake(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    step,
+    step_tensor,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    level,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    scale,
+    res_scale,
+) -> None:
     # Mutates in place, returns nothing: there is no output to describe.
     return None
 
 
-adam_step_ = torch.library.triton_op(
-    "foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES
-)
+adam_step_ = torch.library.triton_op("foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES)
 adam_step_.register_fake(_adam_step_fake)
 
 
@@ -171,31 +205,68 @@ def _adam_step_grouped_impl(
     res_scale: float,
 ) -> None:
     hp = dict(
-        lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad, maximize=maximize, scale=scale, res_scale=res_scale,
+        lr=lr if lr_tensor is None else lr_tensor,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
     )
     fast, slow = [], []
     for i, p in enumerate(params):
         (fast if kernel_supports(p, grads[i], levels[i]) else slow).append(i)
     if fast:
+
         def pick(seq):
             return [seq[i] for i in fast]
 
         foam_adam_grouped_(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-            pick(max_exp_avg_sqs) if amsgrad else None, pick(state_steps), pick(levels), **hp,
+            pick(params),
+            pick(grads),
+            pick(exp_avgs),
+            pick(exp_avg_sqs),
+            pick(max_exp_avg_sqs) if amsgrad else None,
+            pick(state_steps),
+            pick(levels),
+            **hp,
         )
     for i in slow:
         _fallback_(
-            params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-            max_exp_avg_sqs[i] if amsgrad else None, step=state_steps[i], level=levels[i], **hp,
+            params[i],
+            grads[i],
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            max_exp_avg_sqs[i] if amsgrad else None,
+            step=state_steps[i],
+            level=levels[i],
+            **hp,
         )
 
 
-def _adam_step_grouped_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                            levels, lr, lr_tensor, beta1, beta2, eps, weight_decay,
-                            decoupled_weight_decay, amsgrad, maximize, scale, res_scale) -> None:
+def _adam_step_grouped_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    levels,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    scale,
+    res_scale,
+) -> None:
     return None
 
 

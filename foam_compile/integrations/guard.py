@@ -24,7 +24,9 @@ _handle = None
 def _refuse_folded_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if torch.compiler.is_compiling():  # a traced check would break the graph; Dynamo's own
         return  # compile-start hook (backend="foam") converts such optimizers before tracing
-    if isinstance(optimizer, FOAM) or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    if isinstance(optimizer, FOAM) or not isinstance(
+        optimizer, (torch.optim.Adam, torch.optim.AdamW)
+    ):
         return
     if any("foam_level" in st for st in optimizer.state.values()):
         name = type(optimizer).__name__

@@ -94,7 +94,9 @@ class PolicyFOAM(FOAM):
             return
         policy = getattr(self, "foam_policy", {})  # absent after pickling, which drops attributes
         chosen = policy_levels(
-            list(pending), pending.__getitem__, model=policy.get("model"),
+            list(pending),
+            pending.__getitem__,
+            model=policy.get("model"),
             levels=policy.get("levels"),
             keep_unfolded=policy.get("keep_unfolded", KEEP_UNFOLDED),
         )
@@ -149,7 +151,8 @@ def _find_roots(params: list[Tensor]) -> list[nn.Module]:
     """
     wanted = {id(p) for p in params}
     modules = [
-        o for o in gc.get_objects()
+        o
+        for o in gc.get_objects()
         if issubclass(type(o), nn.Module)
         and not issubclass(type(o), torch.fx.GraphModule)
         and not type(o).__module__.startswith(("torch._dynamo", "torch.fx"))

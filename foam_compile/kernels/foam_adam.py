@@ -175,12 +175,32 @@ def _bias_corrections(step, b1_hi, b1_lo, b2_hi, b2_lo):
 
 @triton.jit
 def _foam_tile(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr,
-    blk0, n_blocks, n, nb,
-    decay, step_size, sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2,
-    eps, weight_decay, rho,
-    LEVEL: tl.constexpr, BB: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr,
-    WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    blk0,
+    n_blocks,
+    n,
+    nb,
+    decay,
+    step_size,
+    sqrt_bc2,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    rho,
+    LEVEL: tl.constexpr,
+    BB: tl.constexpr,
+    EVEN: tl.constexpr,
+    MASKED: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
     BF16_RTNE: tl.constexpr,
 ):
     """FOAM on blocks ``blk0 .. blk0 + BB`` of one tensor (rows x n, state rows x nb).
@@ -272,8 +292,19 @@ def _foam_tile(
 
 @triton.jit
 def _step_scalars(
-    lr_ptr, step_ptr, lr, bc1, sqrt_bc2, b1_hi, b1_lo, b2_hi, b2_lo, weight_decay, scale,
-    LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr,
+    lr_ptr,
+    step_ptr,
+    lr,
+    bc1,
+    sqrt_bc2,
+    b1_hi,
+    b1_lo,
+    b2_hi,
+    b2_lo,
+    weight_decay,
+    scale,
+    LR_FROM_PTR: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
 ):
     """Per-program scalars: ``(decay, step_size, sqrt_bc2)``; ``lr``/``step`` may live on device."""
     if LR_FROM_PTR:
@@ -293,14 +324,40 @@ def _step_scalars(
 )
 @triton.jit
 def _foam_adam_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, lr_ptr, step_ptr,
-    n_blocks, n, nb,
-    lr, bc1, sqrt_bc2, b1_hi, b1_lo, b2_hi, b2_lo, one_minus_beta1, one_minus_beta2,
-    eps, weight_decay, scale, rho,
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    lr_ptr,
+    step_ptr,
+    n_blocks,
+    n,
+    nb,
+    lr,
+    bc1,
+    sqrt_bc2,
+    b1_hi,
+    b1_lo,
+    b2_hi,
+    b2_lo,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    scale,
+    rho,
     SIZE_BUCKET,  # autotune key only: log2 of the element count
-    LEVEL: tl.constexpr, EVEN: tl.constexpr, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr,
-    BIG: tl.constexpr, BF16_RTNE: tl.constexpr, TILE: tl.constexpr,
+    LEVEL: tl.constexpr,
+    EVEN: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_FROM_PTR: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
+    BIG: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     # TILE elements per program, but never less than one whole block.
     BB: tl.constexpr = (TILE + (1 << LEVEL) - 1) >> LEVEL
@@ -308,33 +365,115 @@ def _foam_adam_kernel(
     if BIG:  # more than 2**31 elements: 64-bit offsets
         pid = pid.to(tl.int64)
     decay, step_size, sqrt_bc2 = _step_scalars(
-        lr_ptr, step_ptr, lr, bc1, sqrt_bc2, b1_hi, b1_lo, b2_hi, b2_lo, weight_decay, scale,
-        LR_FROM_PTR, STEP_FROM_PTR,
+        lr_ptr,
+        step_ptr,
+        lr,
+        bc1,
+        sqrt_bc2,
+        b1_hi,
+        b1_lo,
+        b2_hi,
+        b2_lo,
+        weight_decay,
+        scale,
+        LR_FROM_PTR,
+        STEP_FROM_PTR,
     )
     blk0 = pid * BB
     if blk0 + BB <= n_blocks:
         _foam_tile(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, blk0, n_blocks, n, nb,
-            decay, step_size, sqrt_bc2, b1_hi, one_minus_beta1, b2_hi, one_minus_beta2,
-            eps, weight_decay, rho, LEVEL, BB, EVEN, False, WD_MODE, AMSGRAD, MAXIMIZE, BF16_RTNE,
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            blk0,
+            n_blocks,
+            n,
+            nb,
+            decay,
+            step_size,
+            sqrt_bc2,
+            b1_hi,
+            one_minus_beta1,
+            b2_hi,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            rho,
+            LEVEL,
+            BB,
+            EVEN,
+            False,
+            WD_MODE,
+            AMSGRAD,
+            MAXIMIZE,
+            BF16_RTNE,
         )
     else:
         _foam_tile(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, blk0, n_blocks, n, nb,
-            decay, step_size, sqrt_bc2, b1_hi, one_minus_beta1, b2_hi, one_minus_beta2,
-            eps, weight_decay, rho, LEVEL, BB, EVEN, True, WD_MODE, AMSGRAD, MAXIMIZE, BF16_RTNE,
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            blk0,
+            n_blocks,
+            n,
+            nb,
+            decay,
+            step_size,
+            sqrt_bc2,
+            b1_hi,
+            one_minus_beta1,
+            b2_hi,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            rho,
+            LEVEL,
+            BB,
+            EVEN,
+            True,
+            WD_MODE,
+            AMSGRAD,
+            MAXIMIZE,
+            BF16_RTNE,
         )
 
 
 @triton.jit
 def _foam_adam_multi_kernel(
-    ptr_table, meta_table, chunk_table, lr_ptr, step_ptr,
-    lr, bc1, sqrt_bc2, b1_hi, b1_lo, b2_hi, b2_lo, one_minus_beta1, one_minus_beta2,
-    eps, weight_decay, scale, rho,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-    LEVEL: tl.constexpr, EVEN: tl.constexpr, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr,
-    ALIGNED: tl.constexpr, BF16_RTNE: tl.constexpr, CHUNK_BLOCKS: tl.constexpr,
+    ptr_table,
+    meta_table,
+    chunk_table,
+    lr_ptr,
+    step_ptr,
+    lr,
+    bc1,
+    sqrt_bc2,
+    b1_hi,
+    b1_lo,
+    b2_hi,
+    b2_lo,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    scale,
+    rho,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    LEVEL: tl.constexpr,
+    EVEN: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_FROM_PTR: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
     TILE: tl.constexpr,
 ):
     BB: tl.constexpr = (TILE + (1 << LEVEL) - 1) >> LEVEL
@@ -361,22 +500,81 @@ def _foam_adam_multi_kernel(
     if STEP_FROM_PTR:
         step_ptr = step_ptr + t  # one step per tensor
     decay, step_size, sqrt_bc2 = _step_scalars(
-        lr_ptr, step_ptr, lr, bc1, sqrt_bc2, b1_hi, b1_lo, b2_hi, b2_lo, weight_decay, scale,
-        LR_FROM_PTR, STEP_FROM_PTR,
+        lr_ptr,
+        step_ptr,
+        lr,
+        bc1,
+        sqrt_bc2,
+        b1_hi,
+        b1_lo,
+        b2_hi,
+        b2_lo,
+        weight_decay,
+        scale,
+        LR_FROM_PTR,
+        STEP_FROM_PTR,
     )
     blk_stop = tl.minimum(blk_start + CHUNK_BLOCKS, n_blocks)
     full_stop = blk_start + ((blk_stop - blk_start) // BB) * BB
     for blk0 in range(blk_start, full_stop, BB):  # whole tiles: no block mask
         _foam_tile(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, tl.multiple_of(blk0, BB), n_blocks, n, nb,
-            decay, step_size, sqrt_bc2, b1_hi, one_minus_beta1, b2_hi, one_minus_beta2,
-            eps, weight_decay, rho, LEVEL, BB, EVEN, False, WD_MODE, AMSGRAD, MAXIMIZE, BF16_RTNE,
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            tl.multiple_of(blk0, BB),
+            n_blocks,
+            n,
+            nb,
+            decay,
+            step_size,
+            sqrt_bc2,
+            b1_hi,
+            one_minus_beta1,
+            b2_hi,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            rho,
+            LEVEL,
+            BB,
+            EVEN,
+            False,
+            WD_MODE,
+            AMSGRAD,
+            MAXIMIZE,
+            BF16_RTNE,
         )
     if full_stop < blk_stop:  # the tensor's ragged end
         _foam_tile(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, full_stop, n_blocks, n, nb,
-            decay, step_size, sqrt_bc2, b1_hi, one_minus_beta1, b2_hi, one_minus_beta2,
-            eps, weight_decay, rho, LEVEL, BB, EVEN, True, WD_MODE, AMSGRAD, MAXIMIZE, BF16_RTNE,
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            full_stop,
+            n_blocks,
+            n,
+            nb,
+            decay,
+            step_size,
+            sqrt_bc2,
+            b1_hi,
+            one_minus_beta1,
+            b2_hi,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            rho,
+            LEVEL,
+            BB,
+            EVEN,
+            True,
+            WD_MODE,
+            AMSGRAD,
+            MAXIMIZE,
+            BF16_RTNE,
         )
 
 
@@ -404,11 +602,28 @@ def _split_f32(x: float) -> tuple[float, float]:
 class _Hyper:
     """Checked hyperparameters and the scalar kernel arguments derived from them once."""
 
-    def __init__(self, *, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
-                 maximize, scale, res_scale, where):
-        for name, value in (("beta1", beta1), ("beta2", beta2), ("eps", eps),
-                            ("weight_decay", weight_decay), ("scale", scale),
-                            ("res_scale", res_scale)):
+    def __init__(
+        self,
+        *,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled_weight_decay,
+        amsgrad,
+        maximize,
+        scale,
+        res_scale,
+        where,
+    ):
+        for name, value in (
+            ("beta1", beta1),
+            ("beta2", beta2),
+            ("eps", eps),
+            ("weight_decay", weight_decay),
+            ("scale", scale),
+            ("res_scale", res_scale),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{where}: {name} must be a Python number, got {value!r}")
             if not math.isfinite(value):
@@ -429,12 +644,20 @@ class _Hyper:
 
     def scalars(self, level: int, lr: float, bc1: float, sqrt_bc2: float) -> dict:
         return dict(
-            lr=lr, bc1=bc1, sqrt_bc2=sqrt_bc2,
-            b1_hi=self.b1_hi, b1_lo=self.b1_lo, b2_hi=self.b2_hi, b2_lo=self.b2_lo,
-            one_minus_beta1=1.0 - self.beta1, one_minus_beta2=1.0 - self.beta2,
-            eps=self.eps, weight_decay=self.weight_decay,
+            lr=lr,
+            bc1=bc1,
+            sqrt_bc2=sqrt_bc2,
+            b1_hi=self.b1_hi,
+            b1_lo=self.b1_lo,
+            b2_hi=self.b2_hi,
+            b2_lo=self.b2_lo,
+            one_minus_beta1=1.0 - self.beta1,
+            one_minus_beta2=1.0 - self.beta2,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
             # alpha scales folded parameters only: level 0 is AdamW exactly (ALGORITHM.md).
-            scale=self.scale if level > 0 else 1.0, rho=self.rho,
+            scale=self.scale if level > 0 else 1.0,
+            rho=self.rho,
         )
 
 
@@ -487,15 +710,20 @@ def _check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad,
     if not isinstance(p, Tensor):
         raise ValueError(f"{where}: param must be a tensor, got {type(p).__name__}")
     if p.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{where}: param dtype {p.dtype} is not supported; use one of "
-                         f"{[str(d) for d in SUPPORTED_DTYPES]}")
+        raise ValueError(
+            f"{where}: param dtype {p.dtype} is not supported; use one of "
+            f"{[str(d) for d in SUPPORTED_DTYPES]}"
+        )
     if not isinstance(grad, Tensor) or grad.shape != p.shape:
         got = list(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
-        raise ValueError(f"{where}: grad must be a tensor of the param's shape {list(p.shape)}, "
-                         f"got {got}")
+        raise ValueError(
+            f"{where}: grad must be a tensor of the param's shape {list(p.shape)}, got {got}"
+        )
     if grad.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{where}: grad dtype {grad.dtype} is not supported; use one of "
-                         f"{[str(d) for d in SUPPORTED_DTYPES]}")
+        raise ValueError(
+            f"{where}: grad dtype {grad.dtype} is not supported; use one of "
+            f"{[str(d) for d in SUPPORTED_DTYPES]}"
+        )
     level = _run_level(p.shape, _check_level(level, where))
     fshape = _state_shape(p.shape, level)
     named = [("param", p), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
@@ -509,15 +737,19 @@ def _check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad,
         if x.device != p.device:
             raise ValueError(f"{where}: {name} is on {x.device}, param on {p.device}")
         if not x.is_contiguous():
-            raise ValueError(f"{where}: {name} must be contiguous (shape {list(x.shape)}, "
-                             f"strides {list(x.stride())}); call .contiguous() first")
+            raise ValueError(
+                f"{where}: {name} must be contiguous (shape {list(x.shape)}, "
+                f"strides {list(x.stride())}); call .contiguous() first"
+            )
         if name in ("param", "grad"):
             continue
         if x.dtype != torch.float32:
             raise ValueError(f"{where}: {name} must be float32, got {x.dtype}")
         if tuple(x.shape) != fshape:
-            raise ValueError(f"{where}: {name} has shape {list(x.shape)}; a param of shape "
-                             f"{list(p.shape)} at level {level} needs {list(fshape)}")
+            raise ValueError(
+                f"{where}: {name} has shape {list(x.shape)}; a param of shape "
+                f"{list(p.shape)} at level {level} needs {list(fshape)}"
+            )
     return level
 
 
@@ -562,11 +794,21 @@ def foam_adam_step_(
     Every tensor must be contiguous. Allocates nothing.
     """
     where = "foam_adam_step_"
-    hp = _Hyper(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                maximize=maximize, scale=scale, res_scale=res_scale, where=where)
-    level = _check_tensors(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level,
-                           hp.amsgrad, where)
+    hp = _Hyper(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
+        where=where,
+    )
+    level = _check_tensors(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, hp.amsgrad, where
+    )
     lr_value, lr_tensor = _check_lr(lr, param.device, where)
     step_value, step_tensor = _check_step(step, param.device, where)
     bc1 = sqrt_bc2 = 1.0
@@ -584,15 +826,26 @@ def foam_adam_step_(
 
     kernel = wrap_triton(_foam_adam_kernel) if is_tracing() else _foam_adam_kernel
     kernel[grid](
-        param, grad, exp_avg, exp_avg_sq, vmax,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        vmax,
         lr_tensor if lr_tensor is not None else exp_avg,  # dummies are never read
         step_tensor if step_tensor is not None else exp_avg,
-        n_blocks, n, nb,
+        n_blocks,
+        n,
+        nb,
         **hp.scalars(level, lr_value, bc1, sqrt_bc2),
         SIZE_BUCKET=int(numel).bit_length(),
-        LEVEL=level, EVEN=n % (1 << level) == 0, WD_MODE=hp.wd_mode, AMSGRAD=hp.amsgrad,
-        MAXIMIZE=hp.maximize, LR_FROM_PTR=lr_tensor is not None,
-        STEP_FROM_PTR=step_tensor is not None, BIG=numel >= 2**31 - 2**20,
+        LEVEL=level,
+        EVEN=n % (1 << level) == 0,
+        WD_MODE=hp.wd_mode,
+        AMSGRAD=hp.amsgrad,
+        MAXIMIZE=hp.maximize,
+        LR_FROM_PTR=lr_tensor is not None,
+        STEP_FROM_PTR=step_tensor is not None,
+        BIG=numel >= 2**31 - 2**20,
         BF16_RTNE=_bf16_rtne(param.dtype),
     )
 
@@ -649,20 +902,33 @@ def _tables(device: torch.device, level: int, entries: list[tuple]):
     return hit
 
 
-def _launch_multi(tables, config, *, lr_tensor, step_tensor, scalars, p_dtype, g_dtype,
-                  level, even, hp, aligned):
+def _launch_multi(
+    tables, config, *, lr_tensor, step_tensor, scalars, p_dtype, g_dtype, level, even, hp, aligned
+):
     ptrs, meta, chunks, n_chunks, chunk_blocks = tables
     dummy = ptrs
     _foam_adam_multi_kernel[(n_chunks,)](
-        ptrs, meta, chunks,
+        ptrs,
+        meta,
+        chunks,
         lr_tensor if lr_tensor is not None else dummy,
         step_tensor if step_tensor is not None else dummy,
         **scalars,
-        P_DTYPE=_TL_DTYPE[p_dtype], G_DTYPE=_TL_DTYPE[g_dtype],
-        LEVEL=level, EVEN=even, WD_MODE=hp.wd_mode, AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize,
-        LR_FROM_PTR=lr_tensor is not None, STEP_FROM_PTR=step_tensor is not None,
-        ALIGNED=aligned, BF16_RTNE=_bf16_rtne(p_dtype), CHUNK_BLOCKS=chunk_blocks,
-        TILE=config.kwargs["TILE"], num_warps=config.num_warps, num_stages=config.num_stages,
+        P_DTYPE=_TL_DTYPE[p_dtype],
+        G_DTYPE=_TL_DTYPE[g_dtype],
+        LEVEL=level,
+        EVEN=even,
+        WD_MODE=hp.wd_mode,
+        AMSGRAD=hp.amsgrad,
+        MAXIMIZE=hp.maximize,
+        LR_FROM_PTR=lr_tensor is not None,
+        STEP_FROM_PTR=step_tensor is not None,
+        ALIGNED=aligned,
+        BF16_RTNE=_bf16_rtne(p_dtype),
+        CHUNK_BLOCKS=chunk_blocks,
+        TILE=config.kwargs["TILE"],
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
 
 
@@ -690,13 +956,21 @@ def _multi_config(device, level, p_dtype, g_dtype, hp, total: int, launch_kw) ->
     m = torch.zeros(rows, max(nb, 1), device=device)
     v = torch.zeros_like(m)
     vmax = torch.zeros_like(m) if hp.amsgrad else v
-    entry = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr(),
-             *_geometry(p.shape, level))
+    entry = (
+        p.data_ptr(),
+        g.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        vmax.data_ptr(),
+        *_geometry(p.shape, level),
+    )
     tables = _tables(device, level, [entry])
     timings = {}
     for config in _CONFIGS:
+
         def run(config=config):
             _launch_multi(tables, config, **launch_kw)
+
         try:
             timings[config] = _do_bench(run)
         except Exception:  # a config that does not compile or fit is skipped
@@ -738,8 +1012,13 @@ def foam_adam_grouped_(
     """
     where = "foam_adam_grouped_"
     count = len(params)
-    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-             "state_steps": state_steps, "levels": levels}
+    lists = {
+        "grads": grads,
+        "exp_avgs": exp_avgs,
+        "exp_avg_sqs": exp_avg_sqs,
+        "state_steps": state_steps,
+        "levels": levels,
+    }
     if amsgrad:
         if max_exp_avg_sqs is None:
             raise ValueError(f"{where}: amsgrad=True needs max_exp_avg_sqs")
@@ -749,9 +1028,18 @@ def foam_adam_grouped_(
             raise ValueError(f"{where}: {name} has {len(seq)} entries, params has {count}")
     if count == 0:
         return
-    hp = _Hyper(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                maximize=maximize, scale=scale, res_scale=res_scale, where=where)
+    hp = _Hyper(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
+        where=where,
+    )
     device = params[0].device
     lr_value, lr_tensor = _check_lr(lr, device, where)
 
@@ -759,8 +1047,9 @@ def foam_adam_grouped_(
     for i, p in enumerate(params):
         here = f"{where}: parameter {i}"
         vmax = max_exp_avg_sqs[i] if amsgrad else None
-        level = _check_tensors(p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, levels[i],
-                               hp.amsgrad, here)
+        level = _check_tensors(
+            p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, levels[i], hp.amsgrad, here
+        )
         if p.device != device:
             raise ValueError(f"{here} is on {p.device}, parameter 0 on {device}")
         step_value, step_tensor = _check_step(state_steps[i], device, here)
@@ -790,9 +1079,15 @@ def foam_adam_grouped_(
             step_tensor = None
             bc1, sqrt_bc2 = _host_bias_corrections(step_key[1], hp.beta1, hp.beta2)
         launch_kw = dict(
-            lr_tensor=lr_tensor, step_tensor=step_tensor,
+            lr_tensor=lr_tensor,
+            step_tensor=step_tensor,
             scalars=hp.scalars(level, lr_value, bc1, sqrt_bc2),
-            p_dtype=p_dtype, g_dtype=g_dtype, level=level, even=even, hp=hp, aligned=aligned,
+            p_dtype=p_dtype,
+            g_dtype=g_dtype,
+            level=level,
+            even=even,
+            hp=hp,
+            aligned=aligned,
         )
         total = sum(geom[2] << level for _, geom, _ in members)
         config = _multi_config(device, level, p_dtype, g_dtype, hp, total, launch_kw)

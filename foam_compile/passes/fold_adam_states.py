@@ -144,7 +144,9 @@ def find_adam_updates(
         nodes = {n for n in nodes if n.op in ("call_function", "call_method", "call_module")}
         tensor_nodes = {i: by_id[i] for i in roles if i in by_id}
         with_grad = [
-            p for g in opt.param_groups for p in g["params"]
+            p
+            for g in opt.param_groups
+            for p in g["params"]
             if p.grad is not None and id(p) in tensor_nodes and id(p.grad) in tensor_nodes
         ]
         updates.append(AdamUpdate(opt, nodes, tensor_nodes, with_grad))
@@ -177,15 +179,19 @@ def fold_adam_states(
     Returns the optimizers rewritten (now converted). Refused updates warn and stay as they are.
     """
     candidates = [
-        o for o in optimizers
-        if family_of(o) is not None and not isinstance(o, FOAM)
+        o
+        for o in optimizers
+        if family_of(o) is not None
+        and not isinstance(o, FOAM)
         and not any(g.get("fused") for g in o.param_groups)
     ]
     rewritten = []
     for update in find_adam_updates(gm, example_inputs, candidates):
         reason = _refusal(update)
         if reason:
-            warnings.warn(f"foam: not folding this step ({reason}); it runs unchanged.", stacklevel=2)
+            warnings.warn(
+                f"foam: not folding this step ({reason}); it runs unchanged.", stacklevel=2
+            )
             continue
         # Where each full-size moment sat in the graph, so its folded successor inherits the
         # Dynamo source (the same ``opt.state[p][key]`` slot).
@@ -193,7 +199,8 @@ def fold_adam_states(
             (id(p), key): update.tensor_nodes[id(value)].target
             for p, st in update.optimizer.state.items()
             for key, value in st.items()
-            if isinstance(value, Tensor) and id(value) in update.tensor_nodes
+            if isinstance(value, Tensor)
+            and id(value) in update.tensor_nodes
             and update.tensor_nodes[id(value)].op == "get_attr"
         }
         opt = convert(update.optimizer, **convert_options)
@@ -229,12 +236,15 @@ def _replace_update(
             for pi, p in enumerate(params):
                 st = opt.state[p]
                 nodes = {
-                    key: _attr_node(gm, value, f"foam_g{gi}_p{pi}_{key}", update,
-                                    slots.get((id(p), key)))
-                    for key, value in st.items() if isinstance(value, Tensor)
+                    key: _attr_node(
+                        gm, value, f"foam_g{gi}_p{pi}_{key}", update, slots.get((id(p), key))
+                    )
+                    for key, value in st.items()
+                    if isinstance(value, Tensor)
                 }
-                states.append({**nodes, "foam_level": st["foam_level"],
-                               "foam_format": format_of(st).name})
+                states.append(
+                    {**nodes, "foam_level": st["foam_level"], "foam_format": format_of(st).name}
+                )
             if isinstance(hyper["lr"], Tensor):
                 hyper["lr"] = _attr_node(gm, hyper["lr"], f"foam_g{gi}_lr", update)
         args = (

@@ -30,7 +30,9 @@ def check_levels(state_of, named_params, level: int = 2) -> dict[str, int]:
     for name, p in named_params:
         st = state_of(p)
         want = expected_level(name, p, level)
-        assert st.get("foam_level") == want, f"{name}: foam_level {st.get('foam_level')}, want {want}"
+        assert st.get("foam_level") == want, (
+            f"{name}: foam_level {st.get('foam_level')}, want {want}"
+        )
         for key in ("exp_avg", "exp_avg_sq"):
             assert tuple(st[key].shape) == folded(p.shape, want), (name, key, tuple(st[key].shape))
         seen[name] = want

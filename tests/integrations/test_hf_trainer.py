@@ -35,8 +35,13 @@ LR, WD = 1e-2, 0.1
 def make_model():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -48,9 +53,18 @@ def dataset():
 
 def make_args(out, **overrides):
     options = dict(
-        max_steps=STEPS, per_device_train_batch_size=4, learning_rate=LR, weight_decay=WD,
-        adam_beta2=0.95, save_steps=SAVE, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-        disable_tqdm=True, dataloader_num_workers=0,
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=LR,
+        weight_decay=WD,
+        adam_beta2=0.95,
+        save_steps=SAVE,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     options.update(overrides)
     return transformers.TrainingArguments(str(out), **options)
@@ -140,8 +154,11 @@ def test_plain_foam_class_keeps_embedding_and_head_unfolded(tmp_path):
     def plain(model, args):
         return foam_compile.FOAM, dict(foam_optimizer(args)[1])
 
-    trainer, model, _ = train(tmp_path, optimizer_cls_and_kwargs=plain, args=make_args(
-        tmp_path, max_steps=1, save_strategy="no"))
+    trainer, model, _ = train(
+        tmp_path,
+        optimizer_cls_and_kwargs=plain,
+        args=make_args(tmp_path, max_steps=1, save_strategy="no"),
+    )
     check_levels(inner(trainer).state.__getitem__, model.named_parameters())
 
 
@@ -180,8 +197,11 @@ def test_trainers_own_optimizer_with_callback_resumes_identically(policy_run, tm
 
 
 def test_callback_converts_the_trainers_adamw_from_the_start(tmp_path):
-    trainer, model, losses = train(tmp_path, callbacks=[FOAMCallback(level=2)],
-                                   args=make_args(tmp_path, max_steps=2, save_strategy="no"))
+    trainer, model, losses = train(
+        tmp_path,
+        callbacks=[FOAMCallback(level=2)],
+        args=make_args(tmp_path, max_steps=2, save_strategy="no"),
+    )
     opt = inner(trainer)
     assert type(opt).__name__ == "FOAMAdamW"
     assert [g["weight_decay"] for g in opt.param_groups] == [WD, 0.0]
@@ -193,16 +213,24 @@ def test_torch_compile_backend_foam_is_refused_by_accelerate(tmp_path):
     """accelerate maps torch_compile_backend onto its closed DynamoBackend enum. If this starts
     passing, re-check the README's "Use it with the Hugging Face Trainer" section."""
     with pytest.raises(ValueError, match="not a valid DynamoBackend"):
-        train(tmp_path, args=make_args(tmp_path, torch_compile_backend="foam"),
-              optimizer_cls_and_kwargs=cls_and_kwargs)
+        train(
+            tmp_path,
+            args=make_args(tmp_path, torch_compile_backend="foam"),
+            optimizer_cls_and_kwargs=cls_and_kwargs,
+        )
 
 
 def test_compiled_model_with_foam_optimizer(tmp_path):
     """The working route: the Trainer compiles the model (accelerate's torch.compile of the
     model; aot_eager here, the same AOTAutograd path as the default Inductor without its
     compile time), and FOAM steps the optimizer; names still reach the policy."""
-    args = make_args(tmp_path, max_steps=2, save_strategy="no", torch_compile=True,
-                     torch_compile_backend="aot_eager")
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        save_strategy="no",
+        torch_compile=True,
+        torch_compile_backend="aot_eager",
+    )
     trainer, model, losses = train(tmp_path, args=args, optimizer_cls_and_kwargs=cls_and_kwargs)
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
     check_levels(inner(trainer).state.__getitem__, model.named_parameters())

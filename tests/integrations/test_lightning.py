@@ -14,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("lightning", reason="needs the lightning extra: pip install 'foam-compile[lightning]'")
+pytest.importorskip(
+    "lightning", reason="needs the lightning extra: pip install 'foam-compile[lightning]'"
+)
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -58,14 +60,22 @@ class LitLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader([batches(STEPS)[self.trainer.global_step]], batch_size=None)
+        return torch.utils.data.DataLoader(
+            [batches(STEPS)[self.trainer.global_step]], batch_size=None
+        )
 
 
 def fit(module, root, ckpt_path=None, callbacks=()):
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=1, reload_dataloaders_every_n_epochs=1,
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(root), callbacks=list(callbacks),
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        callbacks=list(callbacks),
         enable_checkpointing=bool(callbacks),
     )
     trainer.fit(module, ckpt_path=ckpt_path)

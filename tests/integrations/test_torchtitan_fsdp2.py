@@ -52,7 +52,7 @@ def train(model, opt, steps: range, rank: int) -> dict[int, float]:
     data = batches(STEPS)
     losses = {}
     for i in steps:
-        tokens = data[i][rank * 2:(rank + 1) * 2]
+        tokens = data[i][rank * 2 : (rank + 1) * 2]
         loss = lm_loss(model(tokens), tokens)
         loss.backward()
         opt.step()
@@ -100,16 +100,23 @@ def scenario_titan_uninterrupted(out, rank):
     losses = train(model, opt, range(SAVE), rank)
     # Sharded, the way torchtitan's OptimizersContainer.state_dict() does it.
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
-    sharded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=flat)}
+    sharded = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, opt, options=flat),
+    }
     dcp.save(sharded, checkpoint_id=str(out / "titan_sharded"))
     # Full, gathered to rank 0 on CPU.
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full_sd = {"model": get_model_state_dict(model, options=full),
-               "optim": get_optimizer_state_dict(model, opt, options=full)}
+    full_sd = {
+        "model": get_model_state_dict(model, options=full),
+        "optim": get_optimizer_state_dict(model, opt, options=full),
+    }
     if rank == 0:
         torch.save(full_sd, out / "titan_full.pt")
     losses.update(train(model, opt, range(SAVE, STEPS), rank))
-    flat_keys = sorted(k for k in sharded["optim"] if k.endswith(".foam_level")) if rank == 0 else []
+    flat_keys = (
+        sorted(k for k in sharded["optim"] if k.endswith(".foam_level")) if rank == 0 else []
+    )
     record(model, opt, losses, rank, out, "titan_uninterrupted", flat_foam_level_keys=flat_keys)
 
 
@@ -127,7 +134,10 @@ def scenario_titan_resume_sharded(out, rank):
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     # get_optimizer_state_dict first initialises the state (an lr=0 step) in the folded shapes
     # that dcp.load then fills in place.
-    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=flat)}
+    sd = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, opt, options=flat),
+    }
     dcp.load(sd, checkpoint_id=str(out / "titan_sharded"))
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"], options=flat)
@@ -143,7 +153,11 @@ def scenario_titan_resume_full(out, rank):
     )
 
     model, opt = build()
-    full = torch.load(out / "titan_full.pt", weights_only=True) if rank == 0 else {"model": {}, "optim": {}}
+    full = (
+        torch.load(out / "titan_full.pt", weights_only=True)
+        if rank == 0
+        else {"model": {}, "optim": {}}
+    )
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full["model"], options=options)
     set_optimizer_state_dict(model, opt, full["optim"], options=options)
@@ -223,14 +237,20 @@ def test_policy_survives_accelerates_parameter_swap(runs):
     assert levels["tok_embeddings.weight"] == levels["output.weight"] == 0
     assert all(st["placement"] == "(Shard(dim=0),)" for st in record["state"].values())
     # the same first two steps as the optimizer built after sharding
-    assert record["losses"] == {k: v for k, v in runs["titan_uninterrupted"]["losses"].items() if k <= SAVE}
+    assert record["losses"] == {
+        k: v for k, v in runs["titan_uninterrupted"]["losses"].items() if k <= SAVE
+    }
 
 
 @pytest.mark.parametrize("how", ["sharded", "full"])
 def test_dcp_checkpoint_resumes_identically(runs, how):
     first, resumed = runs["titan_uninterrupted"], runs[f"titan_resume_{how}"]
     for step in range(SAVE + 1, STEPS + 1):
-        assert resumed["losses"][step] == first["losses"][step], (step, first["losses"], resumed["losses"])
+        assert resumed["losses"][step] == first["losses"][step], (
+            step,
+            first["losses"],
+            resumed["losses"],
+        )
     for name, p in first["params"].items():
         assert torch.equal(resumed["params"][name], p), name
     for name, st in first["state"].items():

@@ -52,8 +52,15 @@ PLAIN = "foam_compile.FOAM"
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return llama3(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-                  max_seq_len=32, intermediate_dim=64)
+    return llama3(
+        vocab_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        max_seq_len=32,
+        intermediate_dim=64,
+    )
 
 
 def batches():
@@ -95,7 +102,7 @@ class Recipe:
 
     def train(self, until: int) -> dict[int, float]:
         losses = {}
-        for tokens in batches()[self.step:until]:
+        for tokens in batches()[self.step : until]:
             logits = self.model(tokens)
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)

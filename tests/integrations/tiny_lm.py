@@ -19,11 +19,13 @@ class Block(nn.Module):
             {k: nn.Linear(DIM, DIM, bias=False) for k in ("wq", "wk", "wv", "wo")}
         )
         self.ffn_norm = nn.RMSNorm(DIM)
-        self.feed_forward = nn.ModuleDict({
-            "w1": nn.Linear(DIM, HIDDEN, bias=False),
-            "w2": nn.Linear(HIDDEN, DIM, bias=False),
-            "w3": nn.Linear(DIM, HIDDEN, bias=False),
-        })
+        self.feed_forward = nn.ModuleDict(
+            {
+                "w1": nn.Linear(DIM, HIDDEN, bias=False),
+                "w2": nn.Linear(HIDDEN, DIM, bias=False),
+                "w3": nn.Linear(DIM, HIDDEN, bias=False),
+            }
+        )
 
     def forward(self, x):
         b, s, _ = x.shape

@@ -40,6 +40,7 @@ from foam_compile.update import foam_update_  # noqa: E402
 def state_shape(shape, level):
     return folded_shape(shape, effective_level(shape, level))
 
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
 U32 = torch.finfo(torch.float32).eps / 2
@@ -109,7 +110,7 @@ SENTINEL = -777.0  # guard value around outputs: an out-of-bounds write changes 
 def guarded(values: torch.Tensor, guard: int, fill=float("nan")):
     """``values`` copied into the middle of a buffer of ``fill``; returns (view, buffer)."""
     buf = torch.full((values.numel() + 2 * guard,), fill, dtype=values.dtype, device=DEVICE)
-    view = buf[guard:guard + values.numel()].view(values.shape)
+    view = buf[guard : guard + values.numel()].view(values.shape)
     view.copy_(values)
     return view, buf
 
@@ -157,8 +158,9 @@ class Case:
 
     def model_step(self, t: int, hp: Hyper):
         old = self.model[0]
-        self.model = model_step(*self.model[:1], self.grad.cpu().to(F64), *self.model[1:], t,
-                                self.level, hp)
+        self.model = model_step(
+            *self.model[:1], self.grad.cpu().to(F64), *self.model[1:], t, self.level, hp
+        )
         if old.numel():
             self.max_update = max(self.max_update, float((self.model[0] - old).abs().max()))
             self.max_p = max(self.max_p, float(self.model[0].abs().max()))
@@ -176,8 +178,11 @@ class Case:
         torch.testing.assert_close(self.p.cpu().to(F64), p, rtol=0, atol=tol_p)
         g_max = self.max_g + hp.weight_decay * self.max_p
         tol_m = steps * (ops * U32 * (float(m.abs().max()) + g_max) + g_err) if m.numel() else 0
-        tol_v = (steps * (ops * U32 * (float(v.abs().max()) + g_max**2) + 2 * g_max * g_err)
-                 if v.numel() else 0)
+        tol_v = (
+            steps * (ops * U32 * (float(v.abs().max()) + g_max**2) + 2 * g_max * g_err)
+            if v.numel()
+            else 0
+        )
         torch.testing.assert_close(self.m.cpu().to(F64), m, rtol=0, atol=tol_m)
         torch.testing.assert_close(self.v.cpu().to(F64), v, rtol=0, atol=tol_v)
         if hp.amsgrad:
@@ -186,7 +191,7 @@ class Case:
             # Nothing written outside (the guards still hold the sentinel); nothing read from
             # outside (the gradient's NaN guards would have poisoned a block mean).
             assert (buf[: self.guard] == SENTINEL).all(), "write before the tensor"
-            assert (buf[self.guard + x.numel():] == SENTINEL).all(), "write past the tensor"
+            assert (buf[self.guard + x.numel() :] == SENTINEL).all(), "write past the tensor"
             assert not torch.isnan(x).any(), "read outside the gradient"
 
 
@@ -203,8 +208,17 @@ def run_single(cases, hp: Hyper, steps: int = 3, lr_tensor=False, step_tensor=Fa
             step = torch.tensor(float(t), device=DEVICE) if step_tensor else t
             kw = hp.kwargs()
             kw.pop("lr")
-            kernels.foam_adam_step_(c.p, g, c.m, c.v, c.vmax if hp.amsgrad else None,
-                                    lr=lr, step=step, level=c.level, **kw)
+            kernels.foam_adam_step_(
+                c.p,
+                g,
+                c.m,
+                c.v,
+                c.vmax if hp.amsgrad else None,
+                lr=lr,
+                step=step,
+                level=c.level,
+                **kw,
+            )
             c.model_step(t, hp)
     for c in cases:
         c.check(steps, hp)
@@ -218,9 +232,15 @@ def run_grouped(cases, hp: Hyper, steps: int = 3, lr_tensor=False, step_tensor=F
         kw = hp.kwargs()
         kw.pop("lr")
         kernels.foam_adam_grouped_(
-            [c.p for c in cases], grads, [c.m for c in cases], [c.v for c in cases],
-            [c.vmax for c in cases] if hp.amsgrad else None, steps_t, [c.level for c in cases],
-            lr=lr, **kw,
+            [c.p for c in cases],
+            grads,
+            [c.m for c in cases],
+            [c.v for c in cases],
+            [c.vmax for c in cases] if hp.amsgrad else None,
+            steps_t,
+            [c.level for c in cases],
+            lr=lr,
+            **kw,
         )
         for c in cases:
             c.model_step(t, hp)
@@ -238,8 +258,9 @@ LEVELS = [0, 1, 2, 3, 8]
 def test_single_tensor_matches_model(dtype, level):
     # Partial last blocks at every level > 0, a 3-d tensor, a 1-d tensor (runs at level 0).
     specs = [((5, 123), level, dtype), ((2, 3, 40), level, dtype), ((37,), level, dtype)]
-    run_single(make_cases(specs, seed=level * 10 + DTYPES.index(dtype)), Hyper(scale=0.5,
-               res_scale=0.8))
+    run_single(
+        make_cases(specs, seed=level * 10 + DTYPES.index(dtype)), Hyper(scale=0.5, res_scale=0.8)
+    )
 
 
 @pytest.mark.parametrize(
@@ -257,8 +278,7 @@ OPTIONS = {
     "no_wd": Hyper(weight_decay=0.0),
     "amsgrad": Hyper(amsgrad=True),
     "maximize": Hyper(maximize=True),
-    "maximize_coupled_amsgrad": Hyper(maximize=True, decoupled_weight_decay=False,
-                                      amsgrad=True),
+    "maximize_coupled_amsgrad": Hyper(maximize=True, decoupled_weight_decay=False, amsgrad=True),
     "scale_res_scale": Hyper(scale=0.25, res_scale=0.5),
     "res_scale_0": Hyper(res_scale=0.0),
     "betas": Hyper(beta1=0.5, beta2=0.95, eps=1e-3, lr=3e-2),
@@ -276,8 +296,13 @@ def test_options(option, level):
 def test_tensor_lr_and_step(lr_tensor, step_tensor):
     # A step tensor on the device makes the kernel compute the bias corrections itself.
     specs = [((5, 123), 2, torch.float32), ((9, 17), 0, torch.float16)]
-    run_single(make_cases(specs, seed=11), Hyper(amsgrad=True, scale=0.5), steps=3,
-               lr_tensor=lr_tensor, step_tensor=step_tensor)
+    run_single(
+        make_cases(specs, seed=11),
+        Hyper(amsgrad=True, scale=0.5),
+        steps=3,
+        lr_tensor=lr_tensor,
+        step_tensor=step_tensor,
+    )
 
 
 def test_device_step_bias_correction_matches_host():
@@ -307,8 +332,20 @@ def test_level0_is_torch_adamw():
         g = torch.randn(6, 33, generator=gen)
         ref.grad = g.clone()
         opt.step()
-        kernels.foam_adam_step_(p, g.to(DEVICE), m, v, vmax, lr=1e-2, step=t, beta2=0.99,
-                                weight_decay=0.1, level=0, amsgrad=True, scale=0.25)
+        kernels.foam_adam_step_(
+            p,
+            g.to(DEVICE),
+            m,
+            v,
+            vmax,
+            lr=1e-2,
+            step=t,
+            beta2=0.99,
+            weight_decay=0.1,
+            level=0,
+            amsgrad=True,
+            scale=0.25,
+        )
     state = opt.state[ref]
     torch.testing.assert_close(p.cpu(), ref.detach(), rtol=0, atol=3 * 32 * U32 * 4)
     torch.testing.assert_close(m.cpu(), state["exp_avg"], rtol=64 * U32, atol=1e-9)
@@ -327,8 +364,9 @@ def test_matches_package_reference_if_present():
         v = 0.1 * torch.rand(*fshape, generator=gen)
         state = {"exp_avg": m.clone(), "exp_avg_sq": v.clone(), "step": 0}
         pk, mk, vk = p.clone().to(DEVICE), m.to(DEVICE), v.to(DEVICE)
-        hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, scale=0.5,
-                  res_scale=0.7)
+        hp = dict(
+            lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, scale=0.5, res_scale=0.7
+        )
         for t in range(1, 3):
             g = torch.randn(*shape, generator=gen)
             reference.reference_step(p, g, state, level=level, **hp)
@@ -365,18 +403,23 @@ def test_grouped_matches_model(guard, option):
 @pytest.mark.parametrize("lr_tensor, step_tensor", [(True, True), (False, True), (True, False)])
 def test_grouped_tensor_lr_and_step(lr_tensor, step_tensor):
     cases = make_cases(MIXED[:5] + MIXED[7:9], seed=22)
-    run_grouped(cases, Hyper(amsgrad=True, scale=0.5), steps=3, lr_tensor=lr_tensor,
-                step_tensor=step_tensor)
+    run_grouped(
+        cases, Hyper(amsgrad=True, scale=0.5), steps=3, lr_tensor=lr_tensor, step_tensor=step_tensor
+    )
 
 
 def test_grouped_is_a_handful_of_launches(monkeypatch):
     """Launches = distinct (param dtype, grad dtype, level, even, aligned), not parameters."""
     launches = []
     real = foam_adam._launch_multi
-    monkeypatch.setattr(foam_adam, "_launch_multi",
-                        lambda *a, **k: (launches.append(k["level"]), real(*a, **k)))
-    specs = [((8, 64), 2, torch.float32)] * 20 + [((16,), 2, torch.float32)] * 10 + [
-        ((4, 32), 3, torch.bfloat16)] * 10
+    monkeypatch.setattr(
+        foam_adam, "_launch_multi", lambda *a, **k: (launches.append(k["level"]), real(*a, **k))
+    )
+    specs = (
+        [((8, 64), 2, torch.float32)] * 20
+        + [((16,), 2, torch.float32)] * 10
+        + [((4, 32), 3, torch.bfloat16)] * 10
+    )
     cases = make_cases(specs, seed=1)
     run_grouped(cases, Hyper(), steps=1)
     assert sorted(launches) == [0, 2, 3]
@@ -390,11 +433,18 @@ def test_grouped_per_tensor_steps():
         t0 = [1, 5]  # the second parameter joined four steps earlier
         for k in range(2):
             grads = [c.new_grad() for c in cases]
-            steps = [torch.tensor(float(t + k), device=DEVICE if on_device else "cpu")
-                     for t in t0]
-            kernels.foam_adam_grouped_([c.p for c in cases], grads, [c.m for c in cases],
-                                       [c.v for c in cases], None, steps, [2, 2], lr=hp.lr,
-                                       weight_decay=hp.weight_decay)
+            steps = [torch.tensor(float(t + k), device=DEVICE if on_device else "cpu") for t in t0]
+            kernels.foam_adam_grouped_(
+                [c.p for c in cases],
+                grads,
+                [c.m for c in cases],
+                [c.v for c in cases],
+                None,
+                steps,
+                [2, 2],
+                lr=hp.lr,
+                weight_decay=hp.weight_decay,
+            )
             for c, t in zip(cases, t0):
                 c.model_step(t + k, hp)
         for c in cases:
@@ -403,8 +453,12 @@ def test_grouped_per_tensor_steps():
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    rows=st.integers(1, 6), n=st.integers(1, 300), level=st.sampled_from(LEVELS),
-    dtype=st.sampled_from(DTYPES), grouped=st.booleans(), seed=st.integers(0, 2**16),
+    rows=st.integers(1, 6),
+    n=st.integers(1, 300),
+    level=st.sampled_from(LEVELS),
+    dtype=st.sampled_from(DTYPES),
+    grouped=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_random_shapes(rows, n, level, dtype, grouped, seed):
     cases = make_cases([((rows, n), level, dtype), ((n,), level, dtype)], seed=seed, guard=5)
@@ -449,16 +503,40 @@ def test_autotuning_leaves_live_state_untouched():
     """With several configs, tuning (restore_value / scratch group) must not step the state."""
     env = dict(os.environ, TRITON_INTERPRET="1", FOAM_TRITON_AUTOTUNE="force")
     root = pathlib.Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", AUTOTUNE_SCRIPT], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", AUTOTUNE_SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0 and "autotuned-ok" in out.stdout, out.stderr[-3000:]
 
 
 # -------------------------------------------------------------------------------- the ops
 def _op_args(c, g, hp: Hyper, t):
-    return (c.p, g, c.m, c.v, c.vmax if hp.amsgrad else None, float(t), None, hp.lr, None,
-            hp.beta1, hp.beta2, hp.eps, hp.weight_decay, c.level, hp.decoupled_weight_decay,
-            hp.amsgrad, hp.maximize, hp.scale, hp.res_scale)
+    return (
+        c.p,
+        g,
+        c.m,
+        c.v,
+        c.vmax if hp.amsgrad else None,
+        float(t),
+        None,
+        hp.lr,
+        None,
+        hp.beta1,
+        hp.beta2,
+        hp.eps,
+        hp.weight_decay,
+        c.level,
+        hp.decoupled_weight_decay,
+        hp.amsgrad,
+        hp.maximize,
+        hp.scale,
+        hp.res_scale,
+    )
 
 
 def test_op_adam_step_matches_model():
@@ -475,15 +553,32 @@ def test_op_adam_step_matches_model():
 def test_op_grouped_with_fallback_tensors():
     """The grouped op sends float64 parameters (and CPU ones without the interpreter) to torch."""
     hp = Hyper(amsgrad=True, scale=0.5)
-    cases = make_cases([((5, 123), 2, torch.float32), ((6, 10), 3, torch.float64),
-                        ((4, 9), 0, torch.bfloat16)], seed=32)
+    cases = make_cases(
+        [((5, 123), 2, torch.float32), ((6, 10), 3, torch.float64), ((4, 9), 0, torch.bfloat16)],
+        seed=32,
+    )
     for t in (1, 2):
         grads = [c.new_grad() for c in cases]
         torch.ops.foam.adam_step_grouped_(
-            [c.p for c in cases], grads, [c.m for c in cases], [c.v for c in cases],
-            [c.vmax for c in cases], [torch.tensor(float(t)) for _ in cases],
-            [c.level for c in cases], hp.lr, None, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
-            hp.decoupled_weight_decay, hp.amsgrad, hp.maximize, hp.scale, hp.res_scale)
+            [c.p for c in cases],
+            grads,
+            [c.m for c in cases],
+            [c.v for c in cases],
+            [c.vmax for c in cases],
+            [torch.tensor(float(t)) for _ in cases],
+            [c.level for c in cases],
+            hp.lr,
+            None,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            hp.decoupled_weight_decay,
+            hp.amsgrad,
+            hp.maximize,
+            hp.scale,
+            hp.res_scale,
+        )
         for c in cases:
             c.model_step(t, hp)
     for c in cases:
@@ -493,15 +588,15 @@ def test_op_grouped_with_fallback_tensors():
 @pytest.mark.parametrize("level", [0, 2, 3])
 def test_torch_fallback_matches_model(level):
     hp = Hyper(amsgrad=True, scale=0.5, res_scale=0.7, maximize=True)
-    cases = make_cases([((5, 123), level, torch.float32), ((3, 7), level, torch.float64)],
-                       seed=33)
+    cases = make_cases([((5, 123), level, torch.float32), ((3, 7), level, torch.float64)], seed=33)
     for t in (1, 2, 3):
         for c in cases:
             g = c.new_grad()
             kw = hp.kwargs()
             lr = kw.pop("lr")
-            foam_update_(c.p, g, c.m, c.v, c.vmax, torch.tensor(float(t)), c.level,
-                         FoamHyper(lr=lr, **kw))
+            foam_update_(
+                c.p, g, c.m, c.v, c.vmax, torch.tensor(float(t)), c.level, FoamHyper(lr=lr, **kw)
+            )
             c.model_step(t, hp)
     for c in cases:
         c.check(3, hp)
@@ -514,14 +609,50 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
     b = make_cases([((5, 40), 2, torch.float32)], seed=41)[0]  # the same values, eager
 
     def one(p, g, m, v, vm, step):
-        torch.ops.foam.adam_step_(p, g, m, v, vm, 0.0, step, hp.lr, None, hp.beta1, hp.beta2,
-                                  hp.eps, hp.weight_decay, 2, True, True, False, 1.0, 1.0)
+        torch.ops.foam.adam_step_(
+            p,
+            g,
+            m,
+            v,
+            vm,
+            0.0,
+            step,
+            hp.lr,
+            None,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            2,
+            True,
+            True,
+            False,
+            1.0,
+            1.0,
+        )
         return p.sum()
 
     def grouped(p, g, m, v, vm, step):
-        torch.ops.foam.adam_step_grouped_([p], [g], [m], [v], [vm], [step], [2], hp.lr, None,
-                                          hp.beta1, hp.beta2, hp.eps, hp.weight_decay, True,
-                                          True, False, 1.0, 1.0)
+        torch.ops.foam.adam_step_grouped_(
+            [p],
+            [g],
+            [m],
+            [v],
+            [vm],
+            [step],
+            [2],
+            hp.lr,
+            None,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            True,
+            True,
+            False,
+            1.0,
+            1.0,
+        )
         return p.sum()
 
     for fn in (one, grouped):
@@ -541,8 +672,12 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
 def _good(shape=(4, 8), level=2):
     p = torch.randn(*shape, device=DEVICE)
     fshape = state_shape(shape, level)
-    return dict(param=p, grad=torch.randn_like(p), exp_avg=torch.zeros(fshape, device=DEVICE),
-                exp_avg_sq=torch.zeros(fshape, device=DEVICE))
+    return dict(
+        param=p,
+        grad=torch.randn_like(p),
+        exp_avg=torch.zeros(fshape, device=DEVICE),
+        exp_avg_sq=torch.zeros(fshape, device=DEVICE),
+    )
 
 
 @pytest.mark.parametrize(
@@ -587,14 +722,27 @@ def test_grouped_rejects_before_writing():
     before = good["param"].clone()
     with pytest.raises(ValueError, match="parameter 1.*exp_avg"):
         kernels.foam_adam_grouped_(
-            [good["param"], bad["param"]], [good["grad"], bad["grad"]],
-            [good["exp_avg"], bad["exp_avg"]], [good["exp_avg_sq"], bad["exp_avg_sq"]], None,
-            [torch.tensor(1.0)] * 2, [2, 2], lr=1e-3)
+            [good["param"], bad["param"]],
+            [good["grad"], bad["grad"]],
+            [good["exp_avg"], bad["exp_avg"]],
+            [good["exp_avg_sq"], bad["exp_avg_sq"]],
+            None,
+            [torch.tensor(1.0)] * 2,
+            [2, 2],
+            lr=1e-3,
+        )
     torch.testing.assert_close(good["param"], before)
     with pytest.raises(ValueError, match="levels has 1 entries"):
-        kernels.foam_adam_grouped_([good["param"]] * 2, [good["grad"]] * 2,
-                                   [good["exp_avg"]] * 2, [good["exp_avg_sq"]] * 2, None,
-                                   [1, 1], [2], lr=1e-3)
+        kernels.foam_adam_grouped_(
+            [good["param"]] * 2,
+            [good["grad"]] * 2,
+            [good["exp_avg"]] * 2,
+            [good["exp_avg_sq"]] * 2,
+            None,
+            [1, 1],
+            [2],
+            lr=1e-3,
+        )
 
 
 def test_backend_supports():
@@ -622,8 +770,9 @@ def test_cuda_level0_matches_fused_adamw(dtype):
         g = torch.randn_like(w)
         ref.grad = g.clone()
         opt.step()
-        kernels.foam_adam_grouped_([p], [g], [m], [v], None, [torch.tensor(float(t))], [0],
-                                   lr=1e-3, weight_decay=0.1)
+        kernels.foam_adam_grouped_(
+            [p], [g], [m], [v], None, [torch.tensor(float(t))], [0], lr=1e-3, weight_decay=0.1
+        )
     tol = 5 * (unit_roundoff(dtype) * 5 + 32 * U32 * 5)
     torch.testing.assert_close(p.float(), ref.detach().float(), rtol=0, atol=tol)
 
@@ -632,15 +781,40 @@ def test_cuda_level0_matches_fused_adamw(dtype):
 def test_cuda_autotuned_and_compiled_inductor(fresh_dynamo):
     """Real GPU: autotuning on, the triton_op under Inductor, large shapes, many tensors."""
     hp = Hyper(amsgrad=True, scale=0.5)
-    cases = make_cases([((512, 1000), 2, torch.bfloat16), ((300, 4096), 3, torch.float32),
-                        ((4097,), 0, torch.float32)], seed=51)
+    cases = make_cases(
+        [
+            ((512, 1000), 2, torch.bfloat16),
+            ((300, 4096), 3, torch.float32),
+            ((4097,), 0, torch.float32),
+        ],
+        seed=51,
+    )
     run_grouped(cases, hp, steps=3, lr_tensor=True, step_tensor=True)
     c = make_cases([((256, 1030), 2, torch.float32)], seed=52)[0]
 
     @torch.compile(fullgraph=True)
     def step(p, g, m, v, vm, t):
-        torch.ops.foam.adam_step_(p, g, m, v, vm, 0.0, t, hp.lr, None, hp.beta1, hp.beta2,
-                                  hp.eps, hp.weight_decay, 2, True, True, False, 0.5, 1.0)
+        torch.ops.foam.adam_step_(
+            p,
+            g,
+            m,
+            v,
+            vm,
+            0.0,
+            t,
+            hp.lr,
+            None,
+            hp.beta1,
+            hp.beta2,
+            hp.eps,
+            hp.weight_decay,
+            2,
+            True,
+            True,
+            False,
+            0.5,
+            1.0,
+        )
 
     for t in (1, 2, 3):
         step(c.p, c.new_grad(), c.m, c.v, c.vmax, torch.tensor(float(t), device="cuda"))

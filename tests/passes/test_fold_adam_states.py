@@ -32,7 +32,9 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=["wd", "amsgrad", "maximize", "tensor_lr", "capturable"])
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=["wd", "amsgrad", "maximize", "tensor_lr", "capturable"]
+)
 @pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
 def test_rewrites_stock_step_into_foam(cls, foreach, options, fresh_dynamo):
@@ -48,14 +50,18 @@ def test_rewrites_stock_step_into_foam(cls, foreach, options, fresh_dynamo):
     graphs = capture(lambda: opt.step())
     assert len(graphs) == 1
     gm, inputs = graphs[0]
-    full_before = {id(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()}
+    full_before = {
+        id(t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()
+    }
 
     rewritten = fold_adam_states(gm, inputs, [opt], level=2)
 
     assert rewritten == [opt] and isinstance(opt, FOAM) and isinstance(opt, cls)
     assert fresh_dynamo["foam"]["fold_adam_states"] == 1
     assert fresh_dynamo["foam"]["folded_params"] == 2  # the two weights; biases stay at level 0
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "foam_adam_"]
+    calls = [
+        n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "foam_adam_"
+    ]
     assert len(calls) == 1
     # No full-size moment survives in the graph module.
     held = {id(t) for t in list(gm.buffers()) + list(gm.parameters())}
@@ -68,9 +74,13 @@ def test_rewrites_stock_step_into_foam(cls, foreach, options, fresh_dynamo):
 
     decoupled = cls is torch.optim.AdamW
     ref = FOAM(
-        ref_model.parameters(), lr=float(lr), level=2, decoupled_weight_decay=decoupled,
+        ref_model.parameters(),
+        lr=float(lr),
+        level=2,
+        decoupled_weight_decay=decoupled,
         weight_decay=options.get("weight_decay", 1e-2 if decoupled else 0.0),
-        amsgrad=options.get("amsgrad", False), maximize=options.get("maximize", False),
+        amsgrad=options.get("amsgrad", False),
+        maximize=options.get("maximize", False),
     )
     ref.step()
     for p, q in zip(model.parameters(), ref_model.parameters()):
