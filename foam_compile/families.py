@@ -35,9 +35,14 @@ class Family:
     update: Callable
     #: ``(state key, kind)`` of the moments FOAM keeps for a group with hyperparameters ``hp``.
     moments: Callable[[Hyper], tuple[tuple[str, str], ...]]
+    #: ``read_hyper(group, where) -> Hyper`` for a family whose groups do not use Adam's keys
+    #: (e.g. RMSprop's ``alpha``); None reads Adam's.
+    read_hyper: Callable[[dict, str], Hyper] | None = None
 
     def hyper(self, group: dict, where: str = "FOAM") -> Hyper:
         """The hyperparameters of a param group of this family (FOAM keys default)."""
+        if self.read_hyper is not None:
+            return self.read_hyper(group, where)
         return Hyper.from_group(group, where, decoupled_weight_decay=self.decoupled_weight_decay)
 
 
