@@ -30,20 +30,15 @@ if SMOKE:
 import torch  # noqa: E402
 
 
-def _state_bytes_per_elem(level: int, amsgrad: bool) -> float:
-    states = 3 if amsgrad else 2
-    return states * 4 * 2 / (1 << level)  # float32, read + write, one per block
-
-
 def bytes_moved(params, levels, amsgrad=False) -> int:
-    total = 0
-    for p, level in zip(params, levels):
-        n = p.numel()
-        level = level if p.dim() >= 2 else 0
-        nb = n if level == 0 else (n // p.shape[-1]) * -(-p.shape[-1] // (1 << level))
-        states = (3 if amsgrad else 2) * 4 * 2 * nb
-        total += n * (2 * p.element_size() + p.element_size()) + states
-    return total
+    """Bytes one fused step must move: ``foam_compile.cost_model``'s formula (ALGORITHM.md
+    "Memory"), float32 state for FOAM and AdamW alike."""
+    from foam_compile.cost_model import step_bytes
+
+    return sum(
+        step_bytes(p.shape, level, param_dtype=p.dtype, amsgrad=amsgrad)
+        for p, level in zip(params, levels)
+    )
 
 
 def _timer(fn, iters: int, warmup: int) -> float:

@@ -38,15 +38,10 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[int, tuple[str, Tensor
     return roles
 
 
-def optimizers_owning(tensors: Iterable[Tensor], *, role: str | None = None):
-    """Live optimizers any of whose tensors (of ``role``, if given) is among ``tensors``."""
+def optimizers_owning(tensors: Iterable[Tensor]) -> list[torch.optim.Optimizer]:
+    """Live optimizers any of whose tensors is among ``tensors``."""
     ids = {id(t) for t in tensors}
-    found = []
-    for opt in live_optimizers():
-        roles = optimizer_tensors(opt)
-        if any(i in roles and (role is None or roles[i][0] == role) for i in ids):
-            found.append(opt)
-    return found
+    return [opt for opt in live_optimizers() if not ids.isdisjoint(optimizer_tensors(opt))]
 
 
 def parameter_names(params: Iterable[Tensor], model: nn.Module | None = None) -> dict[int, str]:

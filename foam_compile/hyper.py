@@ -113,10 +113,6 @@ class Hyper:
         _check(values, where)  # with the caller's name in the message; __init__ re-checks
         return cls(**values)
 
-    def replace(self, **changes) -> Hyper:
-        """A copy with ``changes`` applied (and checked)."""
-        return type(self)(**{**self.as_dict(), **changes})
-
     def as_dict(self) -> dict:
         """Field name -> value (``lr`` as it is, tensor or float)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
