@@ -16,7 +16,7 @@ magic number.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -99,7 +99,8 @@ class Hyper:
         )
 
     def reference_kwargs(self) -> dict:
-        """Keyword arguments for ``foam_compile.reference.reference_step`` (but ``level``)."""
+        """The package's names for these (everything but ``level``): keyword arguments of
+        ``reference_step``, of the Triton launchers and of ``foam_compile.hyper.Hyper``."""
         return dict(
             lr=self.lr,
             beta1=self.betas[0],
@@ -112,6 +113,50 @@ class Hyper:
             scale=self.scale,
             res_scale=self.res_scale,
         )
+
+
+def model_grad(p: torch.Tensor, grad: torch.Tensor, hp: Hyper) -> torch.Tensor:
+    """The gradient the moments see: negated for maximize, plus Adam's coupled decay."""
+    g = grad.detach().to(F64)
+    if hp.maximize:
+        g = -g
+    if not hp.decoupled_weight_decay and hp.weight_decay != 0:
+        g = g + hp.weight_decay * p.to(F64)
+    return g
+
+
+def model_step(p, grad, m, v, vmax, t: int, level: int, hp: Hyper):
+    """One step of ALGORITHM.md in float64: ``(p, m, v, vmax)`` after step ``t`` (1-based).
+
+    ``level`` is the requested level (0-d and 1-d parameters run at 0); ``m``, ``v`` and ``vmax``
+    have the folded shape; ``vmax`` comes back unchanged without amsgrad. Inputs are not modified.
+    """
+    b1, b2 = hp.betas
+    p = p.detach().to(F64)
+    lvl = model_level(p.shape, level)
+    n = p.shape[-1] if p.dim() else 1
+    g = model_grad(p, grad, hp)
+    if hp.decoupled_weight_decay:
+        p = p * (1 - hp.lr * hp.weight_decay)
+
+    gb = model_fold(g, lvl)
+    qb = model_fold(g * g, lvl)
+    r = g - model_unfold(gb, lvl, n)
+    m = b1 * m.to(F64) + (1 - b1) * gb
+    v = b2 * v.to(F64) + (1 - b2) * qb
+    if hp.amsgrad:
+        vmax = torch.maximum(vmax.to(F64), v)
+        v_use = vmax
+    else:
+        v_use = v
+    rho = hp.res_scale
+    big_m = model_unfold(m, lvl, n) + rho * r
+    big_v = model_unfold(v_use, lvl, n) + rho**2 * r * r
+    alpha = hp.scale if lvl > 0 else 1.0
+    bc1 = 1 - b1**t
+    bc2 = 1 - b2**t
+    p = p - (hp.lr * alpha / bc1) * big_m / (big_v.sqrt() / math.sqrt(bc2) + hp.eps)
+    return p, m, v, vmax
 
 
 @dataclass
@@ -161,45 +206,21 @@ class ParamModel:
         self.update_sum = 0.0
 
     def step(self, grad: torch.Tensor, hp: Hyper, lr: float | None = None) -> None:
-        lr = hp.lr if lr is None else float(lr)
+        hp = hp if lr is None else replace(hp, lr=float(lr))
         b1, b2 = hp.betas
-        lvl = self.level
-        n = self.p.shape[-1] if self.p.dim() else 1
         old = self.p
-
-        g = grad.detach().to(F64)
-        if hp.maximize:
-            g = -g
-        p = self.p
-        if hp.decoupled_weight_decay:
-            p = p * (1 - lr * hp.weight_decay)
-        elif hp.weight_decay != 0:
-            g = g + hp.weight_decay * self.p
+        g = model_grad(self.p, grad, hp)
         self.t += 1
-        t = self.t
-
-        gb = model_fold(g, lvl)
-        qb = model_fold(g * g, lvl)
-        r = g - model_unfold(gb, lvl, n)
-        self.m = b1 * self.m + (1 - b1) * gb
-        self.v = b2 * self.v + (1 - b2) * qb
+        self.p, self.m, self.v, vmax = model_step(
+            self.p, grad, self.m, self.v, self.vmax, self.t, self.level, hp
+        )
         if hp.amsgrad:
-            self.vmax = torch.maximum(self.vmax, self.v)
-            v_use = self.vmax
-        else:
-            v_use = self.v
-        rho = hp.res_scale
-        big_m = model_unfold(self.m, lvl, n) + rho * r
-        big_v = model_unfold(v_use, lvl, n) + rho**2 * r * r
-        alpha = hp.scale if lvl > 0 else 1.0
-        bc1 = 1 - b1**t
-        bc2 = 1 - b2**t
-        self.p = p - (lr * alpha / bc1) * big_m / (big_v.sqrt() / math.sqrt(bc2) + hp.eps)
+            self.vmax = vmax
 
         self.abs_p_sum = self.abs_p_sum + torch.maximum(old.abs(), self.p.abs())
         self.update_sum += _amax(self.p - old)
-        self.m_scale = self.m_scale + self.m.abs() + (1 - b1) * model_fold(g.abs(), lvl)
-        self.v_scale = self.v_scale + self.v + (1 - b2) * qb
+        self.m_scale = self.m_scale + self.m.abs() + (1 - b1) * model_fold(g.abs(), self.level)
+        self.v_scale = self.v_scale + self.v + (1 - b2) * model_fold(g * g, self.level)
 
 
 def _amax(x: torch.Tensor) -> float:

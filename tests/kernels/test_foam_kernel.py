@@ -1,4 +1,4 @@
-"""The FOAM Triton kernels against a float64 model of ALGORITHM.md written here.
+"""The FOAM Triton kernels against the float64 model of ALGORITHM.md (``tests/float64_model.py``).
 
 Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set below before
 anything imports triton), so shapes stay small. Every case starts from nonzero moments and runs
@@ -16,13 +16,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import math  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import pytest  # noqa: E402
+from float64_model import F64, Hyper, model_step, unit_roundoff  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -42,65 +42,13 @@ def state_shape(shape, level):
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-F64 = torch.float64
 U32 = torch.finfo(torch.float32).eps / 2
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps / 2
-
-
-# --------------------------------------------------------------------------- float64 model
-@dataclass
-class Hyper:
-    lr: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decoupled_weight_decay: bool = True
-    amsgrad: bool = False
-    maximize: bool = False
-    scale: float = 1.0
-    res_scale: float = 1.0
-
-    def kwargs(self) -> dict:
-        return dict(self.__dict__)
-
-
-def _block_index(n: int, level: int) -> torch.Tensor:
-    return torch.arange(n) // (1 << level)
-
-
-def model_step(p, g, m, v, vmax, t: int, level: int, hp: Hyper):
-    """ALGORITHM.md in float64; block means by scatter-add and per-block element counts."""
-    level = level if p.dim() >= 2 else 0
-    if hp.maximize:
-        g = -g
-    if hp.decoupled_weight_decay:
-        p = p * (1 - hp.lr * hp.weight_decay)
-    else:
-        g = g + hp.weight_decay * p
-    if level == 0:
-        gb, qb, r, idx = g, g * g, torch.zeros_like(g), None
-    else:
-        idx = _block_index(p.shape[-1], level)
-        counts = torch.bincount(idx).to(F64)
-        zeros = torch.zeros(*p.shape[:-1], len(counts), dtype=F64)
-        gb = zeros.index_add(-1, idx, g) / counts
-        qb = zeros.index_add(-1, idx, g * g) / counts
-        r = g - gb.index_select(-1, idx)
-    m = hp.beta1 * m + (1 - hp.beta1) * gb
-    v = hp.beta2 * v + (1 - hp.beta2) * qb
-    vmax = torch.maximum(vmax, v)
-    v_use = vmax if hp.amsgrad else v
-    big_m = (m if idx is None else m.index_select(-1, idx)) + hp.res_scale * r
-    big_v = (v_use if idx is None else v_use.index_select(-1, idx)) + hp.res_scale**2 * r * r
-    alpha = hp.scale if level > 0 else 1.0
-    bc1, bc2 = 1 - hp.beta1**t, 1 - hp.beta2**t
-    p = p - (hp.lr * alpha / bc1) * big_m / (big_v.sqrt() / math.sqrt(bc2) + hp.eps)
-    return p, m, v, vmax
+def hyper(**kw) -> Hyper:
+    """The float64 model's hyperparameters, with a weight decay large enough to matter."""
+    return Hyper(**{"weight_decay": 0.1, **kw})
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -158,9 +106,7 @@ class Case:
 
     def model_step(self, t: int, hp: Hyper):
         old = self.model[0]
-        self.model = model_step(
-            *self.model[:1], self.grad.cpu().to(F64), *self.model[1:], t, self.level, hp
-        )
+        self.model = model_step(self.model[0], self.grad.cpu(), *self.model[1:], t, self.level, hp)
         if old.numel():
             self.max_update = max(self.max_update, float((self.model[0] - old).abs().max()))
             self.max_p = max(self.max_p, float(self.model[0].abs().max()))
@@ -206,7 +152,7 @@ def run_single(cases, hp: Hyper, steps: int = 3, lr_tensor=False, step_tensor=Fa
             g = c.new_grad()
             lr = torch.tensor(hp.lr, device=DEVICE) if lr_tensor else hp.lr
             step = torch.tensor(float(t), device=DEVICE) if step_tensor else t
-            kw = hp.kwargs()
+            kw = hp.reference_kwargs()
             kw.pop("lr")
             kernels.foam_adam_step_(
                 c.p,
@@ -229,7 +175,7 @@ def run_grouped(cases, hp: Hyper, steps: int = 3, lr_tensor=False, step_tensor=F
         grads = [c.new_grad() for c in cases]
         lr = torch.tensor(hp.lr, device=DEVICE) if lr_tensor else hp.lr
         steps_t = [torch.tensor(float(t), device=DEVICE if step_tensor else "cpu") for _ in cases]
-        kw = hp.kwargs()
+        kw = hp.reference_kwargs()
         kw.pop("lr")
         kernels.foam_adam_grouped_(
             [c.p for c in cases],
@@ -259,7 +205,7 @@ def test_single_tensor_matches_model(dtype, level):
     # Partial last blocks at every level > 0, a 3-d tensor, a 1-d tensor (runs at level 0).
     specs = [((5, 123), level, dtype), ((2, 3, 40), level, dtype), ((37,), level, dtype)]
     run_single(
-        make_cases(specs, seed=level * 10 + DTYPES.index(dtype)), Hyper(scale=0.5, res_scale=0.8)
+        make_cases(specs, seed=level * 10 + DTYPES.index(dtype)), hyper(scale=0.5, res_scale=0.8)
     )
 
 
@@ -269,19 +215,19 @@ def test_single_tensor_matches_model(dtype, level):
     ids=str,
 )
 def test_awkward_shapes(shape, level):
-    run_single(make_cases([(shape, level, torch.float32)], seed=7), Hyper(scale=0.25))
+    run_single(make_cases([(shape, level, torch.float32)], seed=7), hyper(scale=0.25))
 
 
 OPTIONS = {
-    "adamw": Hyper(),
-    "adam_coupled_wd": Hyper(decoupled_weight_decay=False, weight_decay=0.05),
-    "no_wd": Hyper(weight_decay=0.0),
-    "amsgrad": Hyper(amsgrad=True),
-    "maximize": Hyper(maximize=True),
-    "maximize_coupled_amsgrad": Hyper(maximize=True, decoupled_weight_decay=False, amsgrad=True),
-    "scale_res_scale": Hyper(scale=0.25, res_scale=0.5),
-    "res_scale_0": Hyper(res_scale=0.0),
-    "betas": Hyper(beta1=0.5, beta2=0.95, eps=1e-3, lr=3e-2),
+    "adamw": hyper(),
+    "adam_coupled_wd": hyper(decoupled_weight_decay=False, weight_decay=0.05),
+    "no_wd": hyper(weight_decay=0.0),
+    "amsgrad": hyper(amsgrad=True),
+    "maximize": hyper(maximize=True),
+    "maximize_coupled_amsgrad": hyper(maximize=True, decoupled_weight_decay=False, amsgrad=True),
+    "scale_res_scale": hyper(scale=0.25, res_scale=0.5),
+    "res_scale_0": hyper(res_scale=0.0),
+    "betas": hyper(betas=(0.5, 0.95), eps=1e-3, lr=3e-2),
 }
 
 
@@ -298,7 +244,7 @@ def test_tensor_lr_and_step(lr_tensor, step_tensor):
     specs = [((5, 123), 2, torch.float32), ((9, 17), 0, torch.float16)]
     run_single(
         make_cases(specs, seed=11),
-        Hyper(amsgrad=True, scale=0.5),
+        hyper(amsgrad=True, scale=0.5),
         steps=3,
         lr_tensor=lr_tensor,
         step_tensor=step_tensor,
@@ -352,29 +298,6 @@ def test_level0_is_torch_adamw():
     torch.testing.assert_close(vmax.cpu(), state["max_exp_avg_sq"], rtol=64 * U32, atol=1e-12)
 
 
-def test_matches_package_reference_if_present():
-    reference = pytest.importorskip("foam_compile.reference")
-    if not hasattr(reference, "reference_step"):
-        pytest.skip("foam_compile.reference has no reference_step")
-    gen = torch.Generator().manual_seed(9)
-    for shape, level in [((5, 123), 2), ((4, 3), 3), ((37,), 3), ((6, 20), 0)]:
-        p = torch.randn(*shape, generator=gen)
-        fshape = state_shape(shape, level)
-        m = 0.1 * torch.randn(*fshape, generator=gen)
-        v = 0.1 * torch.rand(*fshape, generator=gen)
-        state = {"exp_avg": m.clone(), "exp_avg_sq": v.clone(), "step": 0}
-        pk, mk, vk = p.clone().to(DEVICE), m.to(DEVICE), v.to(DEVICE)
-        hp = dict(
-            lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, scale=0.5, res_scale=0.7
-        )
-        for t in range(1, 3):
-            g = torch.randn(*shape, generator=gen)
-            reference.reference_step(p, g, state, level=level, **hp)
-            kernels.foam_adam_step_(pk, g.to(DEVICE), mk, vk, step=t, level=level, **hp)
-        torch.testing.assert_close(pk.cpu(), p, rtol=0, atol=2 * 64 * U32 * 4)
-        torch.testing.assert_close(mk.cpu(), state["exp_avg"], rtol=0, atol=64 * U32)
-
-
 # ---------------------------------------------------------------------------- many tensors
 MIXED = [
     ((5, 123), 2, torch.float32),
@@ -404,7 +327,7 @@ def test_grouped_matches_model(guard, option):
 def test_grouped_tensor_lr_and_step(lr_tensor, step_tensor):
     cases = make_cases(MIXED[:5] + MIXED[7:9], seed=22)
     run_grouped(
-        cases, Hyper(amsgrad=True, scale=0.5), steps=3, lr_tensor=lr_tensor, step_tensor=step_tensor
+        cases, hyper(amsgrad=True, scale=0.5), steps=3, lr_tensor=lr_tensor, step_tensor=step_tensor
     )
 
 
@@ -421,13 +344,13 @@ def test_grouped_is_a_handful_of_launches(monkeypatch):
         + [((4, 32), 3, torch.bfloat16)] * 10
     )
     cases = make_cases(specs, seed=1)
-    run_grouped(cases, Hyper(), steps=1)
+    run_grouped(cases, hyper(), steps=1)
     assert sorted(launches) == [0, 2, 3]
 
 
 def test_grouped_per_tensor_steps():
     """Parameters at different step counts: device steps go in one launch, host steps split."""
-    hp = Hyper()
+    hp = hyper()
     for on_device in (True, False):
         cases = make_cases([((5, 40), 2, torch.float32), ((3, 16), 2, torch.float32)], seed=4)
         t0 = [1, 5]  # the second parameter joined four steps earlier
@@ -462,7 +385,7 @@ def test_grouped_per_tensor_steps():
 )
 def test_random_shapes(rows, n, level, dtype, grouped, seed):
     cases = make_cases([((rows, n), level, dtype), ((n,), level, dtype)], seed=seed, guard=5)
-    (run_grouped if grouped else run_single)(cases, Hyper(scale=0.5, amsgrad=True), steps=2)
+    (run_grouped if grouped else run_single)(cases, hyper(scale=0.5, amsgrad=True), steps=2)
 
 
 AUTOTUNE_SCRIPT = """
@@ -526,8 +449,8 @@ def _op_args(c, g, hp: Hyper, t):
         None,
         hp.lr,
         None,
-        hp.beta1,
-        hp.beta2,
+        hp.betas[0],
+        hp.betas[1],
         hp.eps,
         hp.weight_decay,
         c.level,
@@ -540,7 +463,7 @@ def _op_args(c, g, hp: Hyper, t):
 
 
 def test_op_adam_step_matches_model():
-    hp = Hyper(amsgrad=True, scale=0.5)
+    hp = hyper(amsgrad=True, scale=0.5)
     cases = make_cases([((5, 123), 2, torch.float32), ((37,), 3, torch.bfloat16)], seed=31)
     for t in (1, 2):
         for c in cases:
@@ -552,7 +475,7 @@ def test_op_adam_step_matches_model():
 
 def test_op_grouped_with_fallback_tensors():
     """The grouped op sends float64 parameters (and CPU ones without the interpreter) to torch."""
-    hp = Hyper(amsgrad=True, scale=0.5)
+    hp = hyper(amsgrad=True, scale=0.5)
     cases = make_cases(
         [((5, 123), 2, torch.float32), ((6, 10), 3, torch.float64), ((4, 9), 0, torch.bfloat16)],
         seed=32,
@@ -569,8 +492,8 @@ def test_op_grouped_with_fallback_tensors():
             [c.level for c in cases],
             hp.lr,
             None,
-            hp.beta1,
-            hp.beta2,
+            hp.betas[0],
+            hp.betas[1],
             hp.eps,
             hp.weight_decay,
             hp.decoupled_weight_decay,
@@ -587,16 +510,13 @@ def test_op_grouped_with_fallback_tensors():
 
 @pytest.mark.parametrize("level", [0, 2, 3])
 def test_torch_fallback_matches_model(level):
-    hp = Hyper(amsgrad=True, scale=0.5, res_scale=0.7, maximize=True)
+    hp = hyper(amsgrad=True, scale=0.5, res_scale=0.7, maximize=True)
     cases = make_cases([((5, 123), level, torch.float32), ((3, 7), level, torch.float64)], seed=33)
     for t in (1, 2, 3):
         for c in cases:
             g = c.new_grad()
-            kw = hp.kwargs()
-            lr = kw.pop("lr")
-            foam_update_(
-                c.p, g, c.m, c.v, c.vmax, torch.tensor(float(t)), c.level, FoamHyper(lr=lr, **kw)
-            )
+            foam_hp = FoamHyper(**hp.reference_kwargs())
+            foam_update_(c.p, g, c.m, c.v, c.vmax, torch.tensor(float(t)), c.level, foam_hp)
             c.model_step(t, hp)
     for c in cases:
         c.check(3, hp)
@@ -604,7 +524,7 @@ def test_torch_fallback_matches_model(level):
 
 def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
     """Under torch.compile both ops write what they declare (no output is lost or reordered)."""
-    hp = Hyper(amsgrad=True)
+    hp = hyper(amsgrad=True)
     a = make_cases([((5, 40), 2, torch.float32)], seed=41)[0]
     b = make_cases([((5, 40), 2, torch.float32)], seed=41)[0]  # the same values, eager
 
@@ -619,8 +539,8 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
             step,
             hp.lr,
             None,
-            hp.beta1,
-            hp.beta2,
+            hp.betas[0],
+            hp.betas[1],
             hp.eps,
             hp.weight_decay,
             2,
@@ -643,8 +563,8 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
             [2],
             hp.lr,
             None,
-            hp.beta1,
-            hp.beta2,
+            hp.betas[0],
+            hp.betas[1],
             hp.eps,
             hp.weight_decay,
             True,
@@ -780,7 +700,7 @@ def test_cuda_level0_matches_fused_adamw(dtype):
 @requires_cuda
 def test_cuda_autotuned_and_compiled_inductor(fresh_dynamo):
     """Real GPU: autotuning on, the triton_op under Inductor, large shapes, many tensors."""
-    hp = Hyper(amsgrad=True, scale=0.5)
+    hp = hyper(amsgrad=True, scale=0.5)
     cases = make_cases(
         [
             ((512, 1000), 2, torch.bfloat16),
@@ -804,8 +724,8 @@ def test_cuda_autotuned_and_compiled_inductor(fresh_dynamo):
             t,
             hp.lr,
             None,
-            hp.beta1,
-            hp.beta2,
+            hp.betas[0],
+            hp.betas[1],
             hp.eps,
             hp.weight_decay,
             2,
