@@ -60,25 +60,32 @@ def _bias_correction(step: Tensor, beta: float) -> Tensor:
     return 1 - torch.exp(step.to(torch.float64) * math.log(beta))
 
 
+def _lr(hp: Hyper, dtype: torch.dtype):
+    """``lr`` for math in ``dtype``: a tensor ``lr`` (float32 when a scheduler made it) is cast
+    first, so that float64 parameters do not take products rounded to float32."""
+    return hp.lr.to(dtype) if isinstance(hp.lr, Tensor) else hp.lr
+
+
 def bias_scalars(step: Tensor | float, hp: Hyper, level: int, dtype: torch.dtype):
     """``(step_size, inv_sqrt_bc2)``: ``lr * alpha / (1 - beta1**t)`` and ``(1 - beta2**t)**-0.5``.
 
     ``step`` is the new step count ``t``. Tensors of ``dtype`` when ``step`` is a tensor, Python
-    floats otherwise.
+    floats otherwise (a tensor of ``dtype`` for ``step_size`` when ``lr`` is a tensor).
     """
     scale = hp.step_scale(level)
     if not isinstance(step, Tensor):
         t = float(step)
-        return hp.lr * scale / (1 - hp.beta1**t), (1 - hp.beta2**t) ** -0.5
-    step_size = (hp.lr * scale / _bias_correction(step, hp.beta1)).to(dtype)
+        return _lr(hp, dtype) * scale / (1 - hp.beta1**t), (1 - hp.beta2**t) ** -0.5
+    step_size = (_lr(hp, torch.float64) * scale / _bias_correction(step, hp.beta1)).to(dtype)
     inv_sqrt_bc2 = _bias_correction(step, hp.beta2).rsqrt().to(dtype)
     return step_size, inv_sqrt_bc2
 
 
-def decay_factor(hp: Hyper):
-    """``1 - lr * weight_decay`` for AdamW's decoupled decay, 1.0 otherwise."""
+def decay_factor(hp: Hyper, dtype: torch.dtype = torch.float32):
+    """``1 - lr * weight_decay`` (in ``dtype`` when ``lr`` is a tensor) for AdamW's decoupled
+    decay, 1.0 otherwise."""
     if hp.decoupled_weight_decay and hp.weight_decay != 0:
-        return 1 - hp.lr * hp.weight_decay
+        return 1 - _lr(hp, dtype) * hp.weight_decay
     return 1.0
 
 
@@ -118,7 +125,8 @@ def foam_update_(
         return
     compute = compute_dtype(p)
     step_size, inv_sqrt_bc2 = bias_scalars(step, hp, level, compute)
-    kw = dict(step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2, decay=decay_factor(hp), hp=hp)
+    decay = decay_factor(hp, compute)
+    kw = dict(step_size=step_size, inv_sqrt_bc2=inv_sqrt_bc2, decay=decay, hp=hp)
     if level == 0 or p.dim() < 2:
         _elementwise_(p, g, m, v, vmax, **kw)
     else:

@@ -69,10 +69,10 @@ def step_(
 ) -> None:
     """Each parameter through ``foam::folded_update_`` (one op call, two loop nests, each)."""
     coupled = 0.0 if hp.decoupled_weight_decay else hp.weight_decay
-    decay = decay_factor(hp)
     for p, g, st in zip(params, grads, states):
         level, compute = st["foam_level"], compute_dtype(p)
         step_size, inv_sqrt_bc2 = bias_scalars(st["step"], hp, level, compute)
+        decay = decay_factor(hp, compute)
 
         def tensor(x, compute=compute, device=p.device):
             if isinstance(x, Tensor):
