@@ -28,10 +28,3 @@ def loss_fn(model, x, y):
 def set_grads(model, x, y):
     model.zero_grad(set_to_none=True)
     loss_fn(model, x, y).backward()
-
-
-def max_rel_diff(a_params, b_params) -> float:
-    return max(
-        ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-        for a, b in zip(a_params, b_params)
-    )
