@@ -51,7 +51,7 @@ def parameter_names(params: Iterable[Tensor], model: nn.Module | None = None) ->
     that name-based policies see every role it plays.
     """
     wanted = {id(p) for p in params}
-    roots = [model] if model is not None else _root_modules(wanted)
+    roots = [model] if model is not None else root_modules(wanted)
     names: dict[int, list[str]] = {}
     for root in roots:
         for name, p in root.named_parameters(remove_duplicate=False):
@@ -78,8 +78,10 @@ def embedding_params(params: Iterable[Tensor], model: nn.Module | None = None) -
     }
 
 
-def _root_modules(wanted: set[int]) -> list[nn.Module]:
-    """Modules holding any wanted parameter that are no other module's child."""
+def root_modules(wanted: set[int], *, unwrap: bool = False) -> list[nn.Module]:
+    """Live modules holding any parameter whose id is in ``wanted`` that are no other module's
+    child (one heap scan). With ``unwrap``, data-parallel wrappers are looked through, so that
+    names read as in the user's model."""
     # Dynamo's graph modules (and its fake root module) hold parameters under generated names:
     # they are not a user's model.
     modules = [
@@ -90,6 +92,12 @@ def _root_modules(wanted: set[int]) -> list[nn.Module]:
         and not type(o).__module__.startswith(("torch._dynamo", "torch.fx"))
     ]
     children = {id(c) for m in modules for c in m.children()}
-    return [
-        m for m in modules if id(m) not in children and any(id(p) in wanted for p in m.parameters())
-    ]
+    roots = []
+    for m in modules:
+        if id(m) in children:
+            continue
+        while unwrap and isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            m = m.module
+        if any(id(p) in wanted for p in m.parameters()):
+            roots.append(m)
+    return roots

@@ -16,7 +16,6 @@ path builds the optimizer and then swaps its parameters for sharded DTensors
 
 from __future__ import annotations
 
-import gc
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..discovery import root_modules
 from ..hyper import GROUP_DEFAULTS
 from ..optimizer import FOAM
 from ..policy import KEEP_UNFOLDED, choose_levels
@@ -49,17 +49,14 @@ class PolicyFOAM(FOAM):
     def __init__(
         self,
         params,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
+        *args,
         model: nn.Module | None = None,
         levels: Mapping[str | Tensor, int] | None = None,
         keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
         **foam_options,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, **foam_options)
+        # ``args``: FOAM's positional ones (lr, betas, eps, weight_decay), with its defaults.
+        super().__init__(params, *args, **foam_options)
         self.foam_policy = dict(model=model, levels=levels, keep_unfolded=keep_unfolded)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -136,34 +133,9 @@ def _roots_of(params: list[Tensor]) -> dict[int, nn.Module]:
 
     missing = [p for p in params if cached(p) is None]
     if missing:
-        for root in _find_roots(missing):
+        for root in root_modules({id(p) for p in missing}, unwrap=True):
             ref = weakref.ref(root)
             for q in root.parameters():
                 _ROOT_OF[q] = ref
     roots = {id(p): cached(p) for p in params}
     return {k: _NO_MODULE if root is None else root for k, root in roots.items()}
-
-
-def _find_roots(params: list[Tensor]) -> list[nn.Module]:
-    """Modules that own any of ``params`` and are no other module's child (one heap scan).
-
-    Data-parallel wrappers are looked through, so that names read as in the user's model.
-    """
-    wanted = {id(p) for p in params}
-    modules = [
-        o
-        for o in gc.get_objects()
-        if issubclass(type(o), nn.Module)
-        and not issubclass(type(o), torch.fx.GraphModule)
-        and not type(o).__module__.startswith(("torch._dynamo", "torch.fx"))
-    ]
-    children = {id(c) for m in modules for c in m.children()}
-    roots = []
-    for m in modules:
-        if id(m) in children:
-            continue
-        while isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            m = m.module
-        if any(id(q) in wanted for q in m.parameters()):
-            roots.append(m)
-    return roots

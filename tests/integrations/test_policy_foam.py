@@ -48,8 +48,10 @@ def test_state_before_the_closure_runs():
 def test_one_heap_scan_for_one_optimizer_per_parameter(monkeypatch):
     """torchtune's optimizer_in_bwd: the owner found for the first parameter serves the rest."""
     calls = []
-    find = policy_foam._find_roots
-    monkeypatch.setattr(policy_foam, "_find_roots", lambda ps: calls.append(len(ps)) or find(ps))
+    find = policy_foam.root_modules
+    monkeypatch.setattr(
+        policy_foam, "root_modules", lambda ids, **kw: calls.append(len(ids)) or find(ids, **kw)
+    )
     model = make_model()
     opts = {p: PolicyFOAM([p], lr=1e-2) for p in model.parameters()}
     lm_loss(model(batches(1)[0]), batches(1)[0]).backward()
