@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..hyper import Hyper
 from ..kernels.foam_adam import (
+    HYPER_NAMES,
     MAX_LEVEL,
     SUPPORTED_DTYPES,
     foam_adam_grouped_,
@@ -72,17 +73,14 @@ def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> s
 
 def _hyper_kwargs(hp: Hyper) -> dict:
     """The ops' scalar arguments (``lr`` is split into a number and a tensor by the caller)."""
-    return dict(
-        beta1=hp.beta1,
-        beta2=hp.beta2,
-        eps=hp.eps,
-        weight_decay=hp.weight_decay,
-        decoupled_weight_decay=hp.decoupled_weight_decay,
-        amsgrad=hp.amsgrad,
-        maximize=hp.maximize,
-        scale=hp.scale,
-        res_scale=hp.res_scale,
-    )
+    return {name: getattr(hp, name) for name in HYPER_NAMES}
+
+
+def _op_hyper(args: dict) -> dict:
+    """The launchers' keyword arguments from an op's own (its ``locals()`` on entry): ``lr`` as
+    the tensor when one is given, else the number, and every name of ``HYPER_NAMES``."""
+    lr = args["lr"] if args["lr_tensor"] is None else args["lr_tensor"]
+    return {"lr": lr, **{name: args[name] for name in HYPER_NAMES}}
 
 
 def step_(
@@ -132,20 +130,7 @@ def _adam_step_impl(
     scale: float,
     res_scale: float,
 ) -> None:
-    kw = dict(
-        step=step if step_tensor is None else step_tensor,
-        lr=lr if lr_tensor is None else lr_tensor,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        level=level,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
-    )
+    kw = dict(_op_hyper(locals()), step=step if step_tensor is None else step_tensor, level=level)
     # The interpreter runs on real memory and cannot be traced: when torch.compile traces this op
     # on CPU, the plain-torch body is what it sees.
     if kernel_supports(param, grad, level) and not (is_interpreting() and is_tracing()):
@@ -154,33 +139,14 @@ def _adam_step_impl(
         _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
 
 
-def _adam_step_fake(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    max_exp_avg_sq,
-    step,
-    step_tensor,
-    lr,
-    lr_tensor,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    level,
-    decoupled_weight_decay,
-    amsgrad,
-    maximize,
-    scale,
-    res_scale,
-) -> None:
-    # Mutates in place, returns nothing: there is no output to describe.
+def _mutates_only(*args, **kwargs) -> None:
+    """The ops' fake: they mutate in place and return nothing, so there is no output to describe
+    (the schemas come from the implementations' annotations, not from this)."""
     return None
 
 
 adam_step_ = torch.library.triton_op("foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES)
-adam_step_.register_fake(_adam_step_fake)
+adam_step_.register_fake(_mutates_only)
 
 
 # --------------------------------------------------------------------------- many tensors
@@ -204,18 +170,7 @@ def _adam_step_grouped_impl(
     scale: float,
     res_scale: float,
 ) -> None:
-    hp = dict(
-        lr=lr if lr_tensor is None else lr_tensor,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
-    )
+    hp = _op_hyper(locals())
     fast, slow = [], []
     for i, p in enumerate(params):
         (fast if kernel_supports(p, grads[i], levels[i]) else slow).append(i)
@@ -247,30 +202,7 @@ def _adam_step_grouped_impl(
         )
 
 
-def _adam_step_grouped_fake(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    levels,
-    lr,
-    lr_tensor,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled_weight_decay,
-    amsgrad,
-    maximize,
-    scale,
-    res_scale,
-) -> None:
-    return None
-
-
 adam_step_grouped_ = torch.library.custom_op(
     "foam::adam_step_grouped_", _adam_step_grouped_impl, mutates_args=_GROUPED_MUTATES
 )
-adam_step_grouped_.register_fake(_adam_step_grouped_fake)
+adam_step_grouped_.register_fake(_mutates_only)

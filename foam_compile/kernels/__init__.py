@@ -9,20 +9,7 @@ imports Triton. The torch ops and the fallback where the kernel cannot run live 
 :mod:`foam_compile.backends.triton_cuda`.
 """
 
-from .foam_adam import (
-    MAX_LEVEL,
-    SUPPORTED_DTYPES,
-    foam_adam_grouped_,
-    foam_adam_step_,
-    is_interpreting,
-    is_tracing,
-)
+from . import foam_adam
+from .foam_adam import *  # noqa: F403 - the launchers' public names, listed in foam_adam.__all__
 
-__all__ = [
-    "MAX_LEVEL",
-    "SUPPORTED_DTYPES",
-    "foam_adam_grouped_",
-    "foam_adam_step_",
-    "is_interpreting",
-    "is_tracing",
-]
+__all__ = foam_adam.__all__

@@ -73,6 +73,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 __all__ = [
+    "HYPER_NAMES",
     "MAX_LEVEL",
     "SUPPORTED_DTYPES",
     "foam_adam_grouped_",
@@ -85,6 +86,18 @@ __all__ = [
 # of one program comfortably. ALGORITHM.md's levels in use are 0..8.
 MAX_LEVEL = 10
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The launchers' hyperparameter arguments after ``lr`` (and the torch ops', by the same names).
+HYPER_NAMES = (
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "decoupled_weight_decay",
+    "amsgrad",
+    "maximize",
+    "scale",
+    "res_scale",
+)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # Weight-decay modes (a constexpr, so the unused branch is compiled out).
@@ -316,6 +329,124 @@ def _step_scalars(
     return decay, step_size, sqrt_bc2
 
 
+@triton.jit
+def _foam_blocks(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    lr_ptr,
+    step_ptr,
+    blk_start,
+    blk_stop,
+    n_blocks,
+    n,
+    nb,
+    lr,
+    bc1,
+    sqrt_bc2,
+    b1_hi,
+    b1_lo,
+    b2_hi,
+    b2_lo,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    scale,
+    rho,
+    LEVEL: tl.constexpr,
+    BB: tl.constexpr,
+    EVEN: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_FROM_PTR: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
+):
+    """One program's blocks ``blk_start .. blk_stop`` of one tensor, in tiles of ``BB`` blocks:
+    whole tiles unmasked, the one that runs past ``n_blocks`` masked. ``blk_start`` is a multiple
+    of ``BB`` (both kernels' programs)."""
+    decay, step_size, sqrt_bc2 = _step_scalars(
+        lr_ptr,
+        step_ptr,
+        lr,
+        bc1,
+        sqrt_bc2,
+        b1_hi,
+        b1_lo,
+        b2_hi,
+        b2_lo,
+        weight_decay,
+        scale,
+        LR_FROM_PTR,
+        STEP_FROM_PTR,
+    )
+    for blk0 in range(blk_start, blk_stop, BB):
+        if blk0 + BB <= n_blocks:  # a whole tile: no block mask
+            _foam_tile(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                vmax_ptr,
+                tl.multiple_of(blk0, BB),
+                n_blocks,
+                n,
+                nb,
+                decay,
+                step_size,
+                sqrt_bc2,
+                b1_hi,
+                one_minus_beta1,
+                b2_hi,
+                one_minus_beta2,
+                eps,
+                weight_decay,
+                rho,
+                LEVEL,
+                BB,
+                EVEN,
+                False,
+                WD_MODE,
+                AMSGRAD,
+                MAXIMIZE,
+                BF16_RTNE,
+            )
+        else:  # the tensor's ragged end
+            _foam_tile(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                vmax_ptr,
+                blk0,
+                n_blocks,
+                n,
+                nb,
+                decay,
+                step_size,
+                sqrt_bc2,
+                b1_hi,
+                one_minus_beta1,
+                b2_hi,
+                one_minus_beta2,
+                eps,
+                weight_decay,
+                rho,
+                LEVEL,
+                BB,
+                EVEN,
+                True,
+                WD_MODE,
+                AMSGRAD,
+                MAXIMIZE,
+                BF16_RTNE,
+            )
+
+
 @triton.autotune(
     configs=_CONFIGS,
     key=["LEVEL", "SIZE_BUCKET", "AMSGRAD"],  # tensor dtypes are added to the key by Triton
@@ -364,9 +495,20 @@ def _foam_adam_kernel(
     pid = tl.program_id(0)
     if BIG:  # more than 2**31 elements: 64-bit offsets
         pid = pid.to(tl.int64)
-    decay, step_size, sqrt_bc2 = _step_scalars(
+    blk0 = pid * BB
+    _foam_blocks(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        vmax_ptr,
         lr_ptr,
         step_ptr,
+        blk0,
+        blk0 + BB,
+        n_blocks,
+        n,
+        nb,
         lr,
         bc1,
         sqrt_bc2,
@@ -374,72 +516,22 @@ def _foam_adam_kernel(
         b1_lo,
         b2_hi,
         b2_lo,
+        one_minus_beta1,
+        one_minus_beta2,
+        eps,
         weight_decay,
         scale,
+        rho,
+        LEVEL,
+        BB,
+        EVEN,
+        WD_MODE,
+        AMSGRAD,
+        MAXIMIZE,
         LR_FROM_PTR,
         STEP_FROM_PTR,
+        BF16_RTNE,
     )
-    blk0 = pid * BB
-    if blk0 + BB <= n_blocks:
-        _foam_tile(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            blk0,
-            n_blocks,
-            n,
-            nb,
-            decay,
-            step_size,
-            sqrt_bc2,
-            b1_hi,
-            one_minus_beta1,
-            b2_hi,
-            one_minus_beta2,
-            eps,
-            weight_decay,
-            rho,
-            LEVEL,
-            BB,
-            EVEN,
-            False,
-            WD_MODE,
-            AMSGRAD,
-            MAXIMIZE,
-            BF16_RTNE,
-        )
-    else:
-        _foam_tile(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            blk0,
-            n_blocks,
-            n,
-            nb,
-            decay,
-            step_size,
-            sqrt_bc2,
-            b1_hi,
-            one_minus_beta1,
-            b2_hi,
-            one_minus_beta2,
-            eps,
-            weight_decay,
-            rho,
-            LEVEL,
-            BB,
-            EVEN,
-            True,
-            WD_MODE,
-            AMSGRAD,
-            MAXIMIZE,
-            BF16_RTNE,
-        )
 
 
 @triton.jit
@@ -499,9 +591,19 @@ def _foam_adam_multi_kernel(
         vmax_ptr = tl.multiple_of(vmax_ptr, 16)
     if STEP_FROM_PTR:
         step_ptr = step_ptr + t  # one step per tensor
-    decay, step_size, sqrt_bc2 = _step_scalars(
+    _foam_blocks(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        vmax_ptr,
         lr_ptr,
         step_ptr,
+        blk_start,
+        tl.minimum(blk_start + CHUNK_BLOCKS, n_blocks),
+        n_blocks,
+        n,
+        nb,
         lr,
         bc1,
         sqrt_bc2,
@@ -509,73 +611,22 @@ def _foam_adam_multi_kernel(
         b1_lo,
         b2_hi,
         b2_lo,
+        one_minus_beta1,
+        one_minus_beta2,
+        eps,
         weight_decay,
         scale,
+        rho,
+        LEVEL,
+        BB,
+        EVEN,
+        WD_MODE,
+        AMSGRAD,
+        MAXIMIZE,
         LR_FROM_PTR,
         STEP_FROM_PTR,
+        BF16_RTNE,
     )
-    blk_stop = tl.minimum(blk_start + CHUNK_BLOCKS, n_blocks)
-    full_stop = blk_start + ((blk_stop - blk_start) // BB) * BB
-    for blk0 in range(blk_start, full_stop, BB):  # whole tiles: no block mask
-        _foam_tile(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            tl.multiple_of(blk0, BB),
-            n_blocks,
-            n,
-            nb,
-            decay,
-            step_size,
-            sqrt_bc2,
-            b1_hi,
-            one_minus_beta1,
-            b2_hi,
-            one_minus_beta2,
-            eps,
-            weight_decay,
-            rho,
-            LEVEL,
-            BB,
-            EVEN,
-            False,
-            WD_MODE,
-            AMSGRAD,
-            MAXIMIZE,
-            BF16_RTNE,
-        )
-    if full_stop < blk_stop:  # the tensor's ragged end
-        _foam_tile(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            full_stop,
-            n_blocks,
-            n,
-            nb,
-            decay,
-            step_size,
-            sqrt_bc2,
-            b1_hi,
-            one_minus_beta1,
-            b2_hi,
-            one_minus_beta2,
-            eps,
-            weight_decay,
-            rho,
-            LEVEL,
-            BB,
-            EVEN,
-            True,
-            WD_MODE,
-            AMSGRAD,
-            MAXIMIZE,
-            BF16_RTNE,
-        )
 
 
 # ------------------------------------------------------------------------------- host side
@@ -602,45 +653,27 @@ def _split_f32(x: float) -> tuple[float, float]:
 class _Hyper:
     """Checked hyperparameters and the scalar kernel arguments derived from them once."""
 
-    def __init__(
-        self,
-        *,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        decoupled_weight_decay,
-        amsgrad,
-        maximize,
-        scale,
-        res_scale,
-        where,
-    ):
-        for name, value in (
-            ("beta1", beta1),
-            ("beta2", beta2),
-            ("eps", eps),
-            ("weight_decay", weight_decay),
-            ("scale", scale),
-            ("res_scale", res_scale),
-        ):
+    def __init__(self, args: dict, where: str):
+        """``args``: a launcher's arguments (its ``locals()`` on entry), read by name."""
+        for name in ("beta1", "beta2", "eps", "weight_decay", "scale", "res_scale"):
+            value = args[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{where}: {name} must be a Python number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{where}: {name} must be finite, got {value!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{where}: {name}={value!r} must be in [0, 1)")
-        self.beta1, self.beta2 = float(beta1), float(beta2)
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= args[name] < 1.0:
+                raise ValueError(f"{where}: {name}={args[name]!r} must be in [0, 1)")
+        self.beta1, self.beta2 = float(args["beta1"]), float(args["beta2"])
         self.b1_hi, self.b1_lo = _split_f32(self.beta1)
         self.b2_hi, self.b2_lo = _split_f32(self.beta2)
-        self.eps, self.weight_decay = float(eps), float(weight_decay)
-        self.scale, self.rho = float(scale), float(res_scale)
-        self.amsgrad, self.maximize = bool(amsgrad), bool(maximize)
-        if weight_decay == 0:
+        self.eps, self.weight_decay = float(args["eps"]), float(args["weight_decay"])
+        self.scale, self.rho = float(args["scale"]), float(args["res_scale"])
+        self.amsgrad, self.maximize = bool(args["amsgrad"]), bool(args["maximize"])
+        if args["weight_decay"] == 0:
             self.wd_mode = _WD_NONE
         else:
-            self.wd_mode = _WD_DECOUPLED if decoupled_weight_decay else _WD_COUPLED
+            self.wd_mode = _WD_DECOUPLED if args["decoupled_weight_decay"] else _WD_COUPLED
 
     def scalars(self, level: int, lr: float, bc1: float, sqrt_bc2: float) -> dict:
         return dict(
@@ -793,19 +826,9 @@ def foam_adam_step_(
     float32, bfloat16 or float16 (math in float32). ``scale`` (alpha) applies at level >= 1 only.
     Every tensor must be contiguous. Allocates nothing.
     """
+    args = dict(locals())  # the arguments as given, for _Hyper
     where = "foam_adam_step_"
-    hp = _Hyper(
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
-        where=where,
-    )
+    hp = _Hyper(args, where)
     level = _check_tensors(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, hp.amsgrad, where
     )
@@ -1010,6 +1033,7 @@ def foam_adam_grouped_(
     is parameter ``i``'s level (clamped to 0 for 0-d/1-d parameters). Other arguments as
     :func:`foam_adam_step_`. All tensors are checked before any is written.
     """
+    args = dict(locals())  # the arguments as given, for _Hyper
     where = "foam_adam_grouped_"
     count = len(params)
     lists = {
@@ -1028,18 +1052,7 @@ def foam_adam_grouped_(
             raise ValueError(f"{where}: {name} has {len(seq)} entries, params has {count}")
     if count == 0:
         return
-    hp = _Hyper(
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
-        where=where,
-    )
+    hp = _Hyper(args, where)
     device = params[0].device
     lr_value, lr_tensor = _check_lr(lr, device, where)
 
