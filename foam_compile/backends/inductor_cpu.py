@@ -154,25 +154,9 @@ def folded_update_(
 
 
 @folded_update_.register_fake
-def _fake(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    max_exp_avg_sq,
-    step_size,
-    inv_sqrt_bc2,
-    decay,
-    level,
-    beta1,
-    beta2,
-    eps,
-    coupled_weight_decay,
-    maximize,
-    res_scale,
-    version,
-) -> None:
-    _register_lowering()  # tracing for Inductor comes through here first
+def _fake(*args, **kwargs) -> None:
+    """Mutates in place, returns nothing; tracing for Inductor comes through here first."""
+    _register_lowering()
     return None
 
 
@@ -215,29 +199,6 @@ def _lower(  # noqa: C901 - one Inductor IR builder; the CPU kernel of issue 16 
     from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
     sizes = list(param.get_size())
-    static = all(isinstance(s, (int, sympy.Integer)) for s in sizes)
-    if param.get_device().type != "cpu" or not static:
-        # Symbolic shapes (dynamic=True) or another device: Inductor calls the op as it is.
-        from torch._inductor.lowering import fallback_handler
-
-        return fallback_handler(torch.ops.foam.folded_update_.default, add_to_fallback_set=False)(
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            max_exp_avg_sq,
-            step_size,
-            inv_sqrt_bc2,
-            decay,
-            level,
-            beta1,
-            beta2,
-            eps,
-            coupled_weight_decay,
-            maximize,
-            res_scale,
-            version,
-        )
     compute = step_size.get_dtype()
     n = int(sizes[-1])
     block = 1 << level
@@ -362,6 +323,20 @@ def _lower(  # noqa: C901 - one Inductor IR builder; the CPU kernel of issue 16 
     return None
 
 
+def _lower_or_call(*args, **kwargs):
+    """Inductor's lowering of the op: :func:`_lower` for static shapes on CPU; otherwise (symbolic
+    shapes under ``dynamic=True``, another device) Inductor calls the op as it is."""
+    import sympy
+    from torch._inductor.lowering import fallback_handler
+
+    param = args[0]
+    static = all(isinstance(s, (int, sympy.Integer)) for s in param.get_size())
+    if param.get_device().type == "cpu" and static:
+        return _lower(*args, **kwargs)
+    op = torch.ops.foam.folded_update_.default
+    return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
+
+
 _registered = False
 
 
@@ -374,7 +349,9 @@ def _register_lowering() -> None:
     try:
         from torch._inductor.lowering import register_lowering
 
-        register_lowering(torch.ops.foam.folded_update_.default, type_promotion_kind=None)(_lower)
+        register_lowering(torch.ops.foam.folded_update_.default, type_promotion_kind=None)(
+            _lower_or_call
+        )
     except Exception as exc:  # Inductor then calls the op itself: correct, just not fused
         log.warning("foam_compile: no Inductor lowering for foam::folded_update_ (%s)", exc)
 
