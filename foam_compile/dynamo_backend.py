@@ -17,25 +17,32 @@ scheduler does not recompile).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
-from torch import Tensor, fx, nn
+from torch import fx
 
 from . import compile_hooks
+from .convert import convert
 from .discovery import optimizers_owning
 from .families import family_of, supported_names
 from .hyper import check_options
 from .optimizer import FOAM, check_autotune
 from .passes.fold_adam_states import fold_adam_states, graph_tensors
-from .policy import KEEP_UNFOLDED
 
 __all__ = ["backend", "foam_backend", "FoamBackend"]
 
 log = logging.getLogger("foam_compile")
 _warned: set[tuple[int, str]] = set()
+# The options the backend hands to ``convert`` (its own ``tensor_lr`` default differs).
+_CONVERT_OPTIONS = {
+    name
+    for name, param in inspect.signature(convert).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "tensor_lr"
+}
 
 
 def _warn_once(opt: torch.optim.Optimizer, kind: str, message: str) -> None:
@@ -50,39 +57,30 @@ class FoamBackend:
     def __init__(
         self,
         *,
-        level: int | str | None = None,
-        scale: float | None = None,
-        res_scale: float | None = None,
-        levels: Mapping[str | Tensor, int] | None = None,
-        model: nn.Module | None = None,
-        keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
         tensor_lr: bool = True,
         optimizers: Iterable[torch.optim.Optimizer] | None = None,
         inner=None,
-        budget: float | None = None,
-        max_error: float | None = None,
-        calibration_steps: int = 8,
+        **convert_options,
     ):
+        # ``convert_options``: every option of ``convert`` but ``tensor_lr``, checked here, when
+        # the backend is built, rather than at the first compile.
         where = "foam_compile.backend"
-        check_options(where, level=level, scale=scale, res_scale=res_scale)
+        unknown = set(convert_options) - _CONVERT_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"{where}: unknown option(s) {sorted(unknown)}; the options are "
+                f"{sorted(_CONVERT_OPTIONS | {'tensor_lr', 'optimizers', 'inner'})}"
+            )
+        given = {k: convert_options.get(k) for k in ("level", "scale", "res_scale")}
+        check_options(where, **given)
         check_autotune(
             where,
-            auto=level == "auto",
-            budget=budget,
-            max_error=max_error,
-            calibration_steps=calibration_steps,
+            auto=given["level"] == "auto",
+            budget=convert_options.get("budget"),
+            max_error=convert_options.get("max_error"),
+            calibration_steps=convert_options.get("calibration_steps", 8),
         )
-        self.convert_options = dict(
-            level=level,
-            scale=scale,
-            res_scale=res_scale,
-            levels=levels,
-            model=model,
-            keep_unfolded=keep_unfolded,
-            budget=budget,
-            max_error=max_error,
-            calibration_steps=calibration_steps,
-        )
+        self.convert_options = convert_options
         self.tensor_lr = tensor_lr
         self.optimizers = list(optimizers) if optimizers is not None else None
         self.inner = inner

@@ -268,3 +268,15 @@ def test_backend_is_found_by_name_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["FOAMAdamW", "(8,", "2)", "True"]
+
+
+def test_backend_options_are_checked_when_the_backend_is_built():
+    assert foam_compile.backend(level=3, scale=0.5).convert_options == dict(level=3, scale=0.5)
+    with pytest.raises(TypeError, match=r"foam_compile.backend: unknown option\(s\) \['levle'\]"):
+        foam_compile.backend(levle=2)
+    with pytest.raises(ValueError, match=r"foam_compile.backend: invalid level=-1"):
+        foam_compile.backend(level=-1)
+    with pytest.raises(ValueError, match=r"foam_compile.backend: invalid res_scale=-1.0"):
+        foam_compile.backend(res_scale=-1.0)
+    with pytest.raises(ValueError, match=r"foam_compile.backend: level='auto' needs budget="):
+        foam_compile.backend(level="auto")
