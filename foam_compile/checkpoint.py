@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .distributed import fold, unfold
-from .layout import LAYOUT_KEY, level_for
+from .layout import LAYOUT_KEY, format_for, level_for
 from .reference import effective_level, folded_shape
 from .state import DEFAULT_FORMAT, StateFormat, format_of, get_format
 
@@ -200,8 +200,9 @@ def prepare_load(
     """Check ``state_dict`` against ``opt`` and make every parameter's state FOAM's.
 
     Returns the state dict to hand to ``torch.optim.Optimizer.load_state_dict`` and, per
-    parameter, the FOAM tensors to put back after it (torch casts floating state to the
-    parameter's dtype; FOAM keeps its own). ``moments_of_group(group)`` gives a group's moments.
+    parameter, the FOAM values to put back after it (torch casts floating state to the
+    parameter's dtype, and strings such as ``foam_format`` to garbage; FOAM keeps its own).
+    ``moments_of_group(group)`` gives a group's moments.
     Mutates nothing.
     """
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
@@ -224,17 +225,20 @@ def prepare_load(
             merged[LAYOUT_KEY] = group.get(LAYOUT_KEY) or {}
         moments = moments_of_group(merged)
         for pi, (sid, p) in enumerate(zip(saved["params"], group["params"])):
-            id_map[sid] = (gi, pi, p, level_for(merged, pi, p), moments)
+            fmt = get_format(format_for(merged, pi, DEFAULT_FORMAT), where)
+            id_map[sid] = (gi, pi, p, level_for(merged, pi, p), fmt, moments)
     new_states, tensors = {}, {}
     for sid, st in state_dict["state"].items():
         if sid not in id_map:
             new_states[sid] = st
             continue
-        gi, pi, p, level, moments = id_map[sid]
+        gi, pi, p, level, fmt, moments = id_map[sid]
         st = to_foam_state(
-            p, st, level=level, moments=moments, where=where, what=describe(p, gi, pi)
+            p, st, level=level, moments=moments, fmt=fmt, where=where, what=describe(p, gi, pi)
         )
         new_states[sid] = st
         fmt = format_of(st)
         tensors[p] = {part: st[part] for key, _ in moments if key in st for part in fmt.keys(key)}
+        if "foam_format" in st:  # torch's load casts strings as iterables (to "<generator ...>")
+            tensors[p]["foam_format"] = st["foam_format"]
     return {**state_dict, "state": new_states, "param_groups": saved_groups}, tensors

@@ -24,7 +24,7 @@ from .discovery import parameter_names
 from .distributed import local_numel
 from .families import family_of, supported_names
 from .hyper import GROUP_DEFAULTS, check_options
-from .layout import LAYOUT_KEY, level_for
+from .layout import LAYOUT_KEY, format_for, level_for
 from .optimizer import (
     FOAM,
     _check_autotune,
@@ -36,6 +36,7 @@ from .optimizer import (
 )
 from .policy import KEEP_UNFOLDED, overrides
 from .reference import effective_level
+from .state import DEFAULT_FORMAT, get_format
 from .tensor_lr import make_lrs_tensors
 
 __all__ = [
@@ -166,11 +167,13 @@ def convert(
                     optimizer.state[p],
                     level=level_for(draft, pi, p),
                     moments=family.moments(hp),
+                    fmt=get_format(format_for(draft, pi, DEFAULT_FORMAT), where),
                     where=where,
                     what=checkpoint.describe(p, gi, pi),
                 )
 
     optimizer.__class__ = foam_class_for(type(optimizer))
+    optimizer.__dict__.pop("_foam_refused", None)  # the guard's mark (guard.mark_refused)
     defaults = {k: v if v is not None else GROUP_DEFAULTS[k] for k, v in given.items()}
     all_groups = [*optimizer.param_groups, optimizer.defaults]
     for group, options, hp in zip(all_groups, [*group_options, defaults], [*hypers, hypers[0]]):

@@ -459,8 +459,9 @@ class FOAM(torch.optim.Optimizer):
 
         for p, st in self.state.items():
             for key, value in tensors.get(p, {}).items():
-                value = value.to(device=p.device)
-                st[key] = like_param(value, p, st.get("foam_level", 0))
+                if isinstance(value, Tensor):
+                    value = like_param(value.to(device=p.device), p, st.get("foam_level", 0))
+                st[key] = value
         self._pin_loaded_levels()
         self._foam_decided = WeakIdKeyDictionary()  # the loaded layouts are the record now
         if not hasattr(self, "autotune"):
