@@ -4,12 +4,15 @@
 the same without a compile; ``FOAM`` is the optimizer for new code; ``plan`` picks fold levels.
 
 Importing the package is cheap: Dynamo, Inductor, sympy and Triton load when first needed
-(``backend``, the planner and cost model, a CUDA parameter).
+(``backend``, the planner and cost model, a CUDA parameter). It installs one global optimizer
+step pre-hook (:mod:`foam_compile.guard`): a stock AdamW that loaded a FOAM checkpoint raises an
+error naming ``foam_compile.convert`` instead of failing on the folded shapes.
 """
 
 import importlib
 
 from .convert import convert, explain, export_adamw_state_dict, is_converted
+from .guard import install_folded_state_guard
 from .optimizer import FOAM
 from .reference import fold, folded_shape, reference_step, unfold
 
@@ -43,6 +46,9 @@ _LAZY = {
     "ErrorMeter": "cost_model",
     "cost": "cost_model",
 }
+
+
+install_folded_state_guard()
 
 
 def __getattr__(name: str):

@@ -1,6 +1,7 @@
 """Every migration of optimizer state, in one place.
 
-* a fresh FOAM state for a parameter (:func:`new_state`);
+* a fresh FOAM state for a parameter (:func:`new_state`), laid out as its layout says
+  (:mod:`foam_compile.layout`);
 * state from elsewhere into FOAM (:func:`to_foam_state`): a stock AdamW/Adam state (full-size
   moments, folded here), a FOAM checkpoint (checked against the parameter), a ``step`` saved as
   a plain number (older torch) made a tensor;
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .distributed import fold, unfold
+from .layout import LAYOUT_KEY, format_for, level_for
 from .reference import effective_level, folded_shape
 from .state import DEFAULT_FORMAT, StateFormat, format_of, get_format
 
@@ -187,7 +189,7 @@ def export_adamw_state_dict(optimizer: torch.optim.Optimizer) -> dict:
                 full = unfold(fmt.decode(st, key, kind, p), level, n)
                 out[key] = full.reshape(p.shape).clone()
         state[pid] = out
-    drop = (*GROUP_DEFAULTS, "decoupled_weight_decay")
+    drop = (*GROUP_DEFAULTS, "decoupled_weight_decay", LAYOUT_KEY)
     groups = [{k: v for k, v in g.items() if k not in drop} for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups}
 
@@ -198,8 +200,9 @@ def prepare_load(
     """Check ``state_dict`` against ``opt`` and make every parameter's state FOAM's.
 
     Returns the state dict to hand to ``torch.optim.Optimizer.load_state_dict`` and, per
-    parameter, the FOAM tensors to put back after it (torch casts floating state to the
-    parameter's dtype; FOAM keeps its own). ``moments_of_group(group)`` gives a group's moments.
+    parameter, the FOAM values to put back after it (torch casts floating state to the
+    parameter's dtype, and strings such as ``foam_format`` to garbage; FOAM keeps its own).
+    ``moments_of_group(group)`` gives a group's moments.
     Mutates nothing.
     """
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
@@ -217,21 +220,25 @@ def prepare_load(
                 f"{where}: param group {gi} has {len(saved['params'])} parameters in the "
                 f"checkpoint and {len(group['params'])} here"
             )
-        level = saved.get("level", group.get("level", 2))
-        level = 0 if level == "auto" else level
-        moments = moments_of_group({**group, **saved})
+        merged = {**group, **saved}  # the checkpoint's options and layouts win, as in torch
+        if merged.get(LAYOUT_KEY) is None:
+            merged[LAYOUT_KEY] = group.get(LAYOUT_KEY) or {}
+        moments = moments_of_group(merged)
         for pi, (sid, p) in enumerate(zip(saved["params"], group["params"])):
-            id_map[sid] = (gi, pi, p, level, moments)
+            fmt = get_format(format_for(merged, pi, DEFAULT_FORMAT), where)
+            id_map[sid] = (gi, pi, p, level_for(merged, pi, p), fmt, moments)
     new_states, tensors = {}, {}
     for sid, st in state_dict["state"].items():
         if sid not in id_map:
             new_states[sid] = st
             continue
-        gi, pi, p, level, moments = id_map[sid]
+        gi, pi, p, level, fmt, moments = id_map[sid]
         st = to_foam_state(
-            p, st, level=level, moments=moments, where=where, what=describe(p, gi, pi)
+            p, st, level=level, moments=moments, fmt=fmt, where=where, what=describe(p, gi, pi)
         )
         new_states[sid] = st
         fmt = format_of(st)
         tensors[p] = {part: st[part] for key, _ in moments if key in st for part in fmt.keys(key)}
+        if "foam_format" in st:  # torch's load casts strings as iterables (to "<generator ...>")
+            tensors[p]["foam_format"] = st["foam_format"]
     return {**state_dict, "state": new_states, "param_groups": saved_groups}, tensors

@@ -14,12 +14,13 @@ import logging
 import weakref
 
 import torch
-from torch import Tensor
 
-from .convert import convert
+from .convert import convert, stock_name
 from .discovery import live_optimizers
 from .families import family_of
+from .guard import folded_state_problem, mark_refused
 from .optimizer import FOAM
+from .tensor_lr import make_lrs_tensors
 
 __all__ = [
     "convert_stock_optimizers_holding_folded_state",
@@ -38,7 +39,8 @@ _TENSOR_LR_PENDING: weakref.WeakSet = weakref.WeakSet()
 
 
 def make_lrs_tensors_after_this_compile(optimizers) -> None:
-    """Turn the float lrs of ``optimizers`` into 0-d tensors when the current compile ends."""
+    """Turn the float lrs of ``optimizers`` into 0-d tensors when the current compile ends
+    (their schedulers keep reporting floats: :mod:`foam_compile.tensor_lr`)."""
     from torch._dynamo.callback import callback_handler
 
     _TENSOR_LR_PENDING.update(optimizers)
@@ -54,9 +56,7 @@ def make_lrs_tensors_after_this_compile(optimizers) -> None:
 
 def _make_lrs_tensors() -> None:
     for opt in list(_TENSOR_LR_PENDING):
-        for group in opt.param_groups:
-            if not isinstance(group["lr"], Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+        make_lrs_tensors(opt)
         _TENSOR_LR_PENDING.discard(opt)
 
 
@@ -66,18 +66,27 @@ def on_compile_start(*_args) -> None:
 
 
 def convert_stock_optimizers_holding_folded_state() -> list[torch.optim.Optimizer]:
-    """Convert every live stock optimizer of a known family whose state is FOAM's (folded)."""
+    """Convert every live stock optimizer of a known family whose state is FOAM's (folded).
+
+    One whose folded state does not fit its parameters (a checkpoint of another model) is left
+    as it is and marked: its step then raises the guard's error outside the graph, naming the
+    parameter (an exception raised here would reach the user wrapped in Dynamo's internal
+    error).
+    """
     converted = []
     for opt in live_optimizers():
         if isinstance(opt, FOAM) or family_of(opt) is None:
             continue
         if any("foam_level" in st for st in opt.state.values()):
+            if folded_state_problem(opt) is not None:
+                mark_refused(opt)
+                continue
             levels = {p: st["foam_level"] for p, st in opt.state.items() if "foam_level" in st}
             convert(opt, levels=levels)  # group options come from the loaded param groups
             log.warning(
-                "foam: %s held FOAM's folded state (a FOAM checkpoint loaded into a stock "
+                "foam: a %s held FOAM's folded state (a FOAM checkpoint loaded into a stock "
                 "optimizer); converted it to FOAM before tracing.",
-                type(opt).__name__,
+                stock_name(opt),
             )
             converted.append(opt)
     return converted

@@ -16,18 +16,37 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, checkpoint
 from .checkpoint import export_adamw_state_dict
 from .discovery import parameter_names
 from .distributed import local_numel
-from .families import Family, family_of, supported_names
+from .families import family_of, supported_names
 from .hyper import GROUP_DEFAULTS, check_options
-from .optimizer import FOAM, _check_autotune, _int_level, check_autotune, check_params
-from .policy import KEEP_UNFOLDED, choose_levels
+from .layout import LAYOUT_KEY, format_for, level_for
+from .optimizer import (
+    FOAM,
+    _check_autotune,
+    check_autotune,
+    check_autotune_options,
+    check_levels,
+    check_params,
+    decide_layouts,
+)
+from .policy import KEEP_UNFOLDED, overrides
+from .reference import effective_level
 from .state import DEFAULT_FORMAT, get_format
+from .tensor_lr import make_lrs_tensors
 
-__all__ = ["convert", "is_converted", "export_adamw_state_dict", "explain", "Explanation"]
+__all__ = [
+    "Explanation",
+    "convert",
+    "explain",
+    "export_adamw_state_dict",
+    "is_converted",
+    "stock_name",
+]
 
 _FOAM_CLASSES: dict[type, type] = {}
 
@@ -49,10 +68,18 @@ def is_converted(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, FOAM)
 
 
+def stock_name(opt: torch.optim.Optimizer) -> str:
+    """The class name users know an optimizer by: ``AdamW`` for a converted AdamW."""
+    family = family_of(opt)
+    if isinstance(opt, FOAM) and type(opt) is not FOAM and family is not None:
+        return family.stock.__name__
+    return type(opt).__name__
+
+
 def convert(
     optimizer: torch.optim.Optimizer,
     *,
-    level: int | None = None,
+    level: int | str | None = None,
     scale: float | None = None,
     res_scale: float | None = None,
     levels: Mapping[str | Tensor, int] | None = None,
@@ -67,31 +94,44 @@ def convert(
 
     Parameters fold at ``level`` (default 2) except embeddings, the output head, norms (names
     matching ``keep_unfolded``) and 0-d/1-d parameters, which stay at level 0 (plain Adam);
-    ``levels`` overrides per parameter name or tensor. ``scale`` (alpha) applies to folded
-    parameters. Existing moments are folded (a checkpointed run continues); ``fused=True`` and
-    ``foreach`` optimizers convert too, since FOAM's own step replaces theirs.
+    ``levels`` overrides per parameter name or tensor. Names come from ``model``, the group's
+    ``param_names`` or the live module that owns each parameter (:mod:`foam_compile.policy`).
+    ``scale`` (alpha) applies to folded parameters. Existing moments are folded (a checkpointed
+    run continues); a parameter without state (frozen, or not stepped yet) gets its state, at
+    the level chosen now, on its first gradient. ``fused=True`` and ``foreach`` optimizers
+    convert too, since FOAM's own step replaces theirs.
 
     ``level="auto"`` calibrates on the next ``calibration_steps`` real steps (run as AdamW), then
     folds each parameter at the level the planner picks under ``budget`` and/or ``max_error``
     (see :class:`FOAM`). ``tensor_lr=True`` turns float learning rates into 0-d tensors, so that
-    a scheduler does not recompile a compiled step.
+    a scheduler does not recompile a compiled step (its schedulers keep reporting floats).
+
+    An optimizer that is already FOAM is returned as it is; options that would change it are
+    refused (change a group's ``level``, or call ``set_levels``, instead).
 
     One line to resume a FOAM checkpoint into a script that builds a stock AdamW::
 
         opt = foam_compile.convert(torch.optim.AdamW(model.parameters(), lr=1e-3))
         opt.load_state_dict(torch.load("ckpt.pt"))
     """
+    where = "foam_compile.convert"
+    given = {"level": level, "scale": scale, "res_scale": res_scale}
+    check_options(where, **given)
+    levels = check_levels(levels, where)
+    check_autotune_options(
+        where, budget=budget, max_error=max_error, calibration_steps=calibration_steps
+    )
     if isinstance(optimizer, FOAM):
+        _refuse_changes(optimizer, where, given, levels, model, keep_unfolded, budget, max_error)
+        if tensor_lr:
+            make_lrs_tensors(optimizer)
         return optimizer
     family = family_of(optimizer)
     if family is None:
         raise TypeError(
-            f"foam_compile.convert: {type(optimizer).__name__} is not one of {supported_names()}; "
+            f"{where}: {type(optimizer).__name__} is not one of {supported_names()}; "
             "FOAM folds Adam's two moments. For new code use foam_compile.FOAM(params, ...)."
         )
-    where = "foam_compile.convert"
-    check_options(where, level=level, scale=scale, res_scale=res_scale)
-    given = {"level": level, "scale": scale, "res_scale": res_scale}
     group_options = [
         {k: v if v is not None else g.get(k, GROUP_DEFAULTS[k]) for k, v in given.items()}
         for g in optimizer.param_groups
@@ -108,33 +148,44 @@ def convert(
         max_error=max_error,
         calibration_steps=calibration_steps,
     )
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-    chosen = choose_levels(
-        params,
-        lambda p: _int_level(group_options[group_of[id(p)]]["level"]),
-        model=model,
-        levels=levels,
-        keep_unfolded=keep_unfolded,
-    )
 
-    # Build every new state first: a bad moment raises before the optimizer changes.
-    new_states = {}
-    for gi, (group, hp) in enumerate(zip(optimizer.param_groups, hypers)):
-        for pi, p in enumerate(group["params"]):
-            new_states[p] = _foam_state(optimizer, family, p, group, hp, chosen[id(p)], gi, pi)
+    # Decide every parameter's layout on copies of the groups (the policy; a stock optimizer
+    # that loaded a FOAM checkpoint brings its layouts), then fold the moments it already has.
+    policy = dict(model=model, levels=levels, keep_unfolded=keep_unfolded)
+    drafts = [
+        {**group, **options, LAYOUT_KEY: dict(group.get(LAYOUT_KEY) or {})}
+        for group, options in zip(optimizer.param_groups, group_options)
+    ]
+    decided = WeakIdKeyDictionary()
+    decide_layouts(drafts, policy, decided, lookup=True)
+    new_states = {}  # build every new state first: a bad moment raises before anything changes
+    for gi, (draft, hp) in enumerate(zip(drafts, hypers)):
+        for pi, p in enumerate(draft["params"]):
+            if optimizer.state.get(p):
+                new_states[p] = checkpoint.to_foam_state(
+                    p,
+                    optimizer.state[p],
+                    level=level_for(draft, pi, p),
+                    moments=family.moments(hp),
+                    fmt=get_format(format_for(draft, pi, DEFAULT_FORMAT), where),
+                    where=where,
+                    what=checkpoint.describe(p, gi, pi),
+                )
 
     optimizer.__class__ = foam_class_for(type(optimizer))
+    optimizer.__dict__.pop("_foam_refused", None)  # the guard's mark (guard.mark_refused)
     defaults = {k: v if v is not None else GROUP_DEFAULTS[k] for k, v in given.items()}
     all_groups = [*optimizer.param_groups, optimizer.defaults]
     for group, options, hp in zip(all_groups, [*group_options, defaults], [*hypers, hypers[0]]):
         group.update(options)
         group["decoupled_weight_decay"] = hp.decoupled_weight_decay
         group["fused"] = False  # FOAM's step replaces the fused kernel; keeps load casts right
-        if tensor_lr and not isinstance(group.get("lr"), Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+    for group, draft in zip(optimizer.param_groups, drafts):
+        group[LAYOUT_KEY] = draft[LAYOUT_KEY]
     for p, state in new_states.items():
         optimizer.state[p] = state
+    optimizer.foam_policy = policy
+    optimizer._foam_decided = decided
     optimizer.autotune = dict(
         budget=budget,
         max_error=max_error,
@@ -142,28 +193,59 @@ def convert(
         model=model,
         keep_unfolded=keep_unfolded,
     )
-    _check_autotune(optimizer, where)
+    _check_autotune(optimizer, where, given=True)
+    if tensor_lr:
+        make_lrs_tensors(optimizer)
     _rebind_scheduler_wrapper(optimizer)
     optimizer._patch_step_function()  # step hooks run for the new class too
-    backends.prepare(params)
+    backends.prepare([p for g in optimizer.param_groups for p in g["params"]])
     return optimizer
 
 
-def _foam_state(opt, family: Family, p: Tensor, group, hp, level, gi: int, pi: int) -> dict:
-    """``p``'s state as FOAM's: fresh, or the stock/FOAM state it has, folded and checked."""
-    old = opt.state.get(p)
-    moments = family.moments(hp)
-    if not old:
-        fmt = get_format(DEFAULT_FORMAT)
-        return checkpoint.new_state(p, level, moments, fmt, checkpoint.step_device(p, group))
-    return checkpoint.to_foam_state(
-        p,
-        old,
-        level=level,
-        moments=moments,
-        where="foam_compile.convert",
-        what=checkpoint.describe(p, gi, pi),
+def _refuse_changes(opt, where, given, levels, model, keep_unfolded, budget, max_error) -> None:
+    """``convert`` on an optimizer that is already FOAM changes nothing: say so if asked to."""
+    how = (
+        "To change a level, set param_group['level'] (its moments are re-folded at the next "
+        "step) or call optimizer.set_levels({param: level})"
     )
+    for gi, group in enumerate(opt.param_groups):
+        for key, value in given.items():
+            if value is not None and group.get(key, GROUP_DEFAULTS[key]) != value:
+                raise ValueError(
+                    f"{where}: this {stock_name(opt)} is already FOAM, with {key}="
+                    f"{group.get(key)!r} in param group {gi}; convert does not change it "
+                    f"({key}={value!r} given). {how}; for {key}, set param_group[{key!r}]."
+                )
+    if levels:
+        items = [
+            (gi, i, p) for gi, g in enumerate(opt.param_groups) for i, p in enumerate(g["params"])
+        ]
+        names = {
+            id(p): opt.param_groups[gi]["param_names"][i]
+            for gi, i, p in items
+            if opt.param_groups[gi].get("param_names") is not None
+        }
+        pinned = overrides([p for *_, p in items], names=names, model=model, levels=levels)
+        for gi, i, p in items:
+            now = level_for(opt.param_groups[gi], i, p)
+            if pinned[id(p)] is not None and effective_level(p.shape, pinned[id(p)]) != now:
+                raise ValueError(
+                    f"{where}: this {stock_name(opt)} is already FOAM and "
+                    f"{checkpoint.describe(p, gi, i)} runs at level {now}; convert does not "
+                    f"change it (levels= given). {how}."
+                )
+    if model is not None or keep_unfolded is not KEEP_UNFOLDED:
+        raise ValueError(
+            f"{where}: this {stock_name(opt)} is already FOAM and its parameters' levels are "
+            f"chosen; convert does not re-run the policy (model=/keep_unfolded= given). {how}."
+        )
+    auto = getattr(opt, "autotune", {})
+    for key, value in (("budget", budget), ("max_error", max_error)):
+        if value is not None and auto.get(key) != value:
+            raise ValueError(
+                f"{where}: this {stock_name(opt)} is already FOAM; convert does not change its "
+                f"{key} ({value!r} given). Build a new FOAM optimizer with level='auto' instead."
+            )
 
 
 def _rebind_scheduler_wrapper(opt: torch.optim.Optimizer) -> None:
@@ -187,9 +269,15 @@ def _rebind_scheduler_wrapper(opt: torch.optim.Optimizer) -> None:
 
 @dataclass
 class Explanation:
-    """What FOAM does to each parameter; ``str()`` is a table."""
+    """What FOAM does to each parameter; ``str()`` is a table.
+
+    ``rows``: ``(name, shape, level, FOAM state bytes, AdamW state bytes)``. A parameter without
+    state yet (frozen, or no gradient so far) shows the level its state will get and 0 bytes on
+    both sides: AdamW would hold none for it either.
+    """
 
     rows: list[tuple[str, tuple[int, ...], int, int, int]]
+    without_state: int = 0
 
     @property
     def state_bytes(self) -> int:
@@ -212,6 +300,11 @@ class Explanation:
             f"{'total':<40} {'':<18} {'':>5} {self.state_bytes:>12,} {self.adamw_bytes:>12,}"
             f"  ({ratio:.1%} of AdamW)"
         )
+        if self.without_state:
+            lines.append(
+                f"({self.without_state} parameter(s) have no state yet: frozen, or no gradient "
+                "so far; they get it at the level shown on their first gradient)"
+            )
         return "\n".join(lines)
 
 
@@ -219,23 +312,30 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
     """Which parameters are folded, at what level, and their state bytes against AdamW's.
 
     Bytes are measured from the tensors in ``optimizer.state`` (moments only, not the step);
-    AdamW's are two float32 moments per element (plus the max with amsgrad).
+    AdamW's are two float32 moments per element (plus the max with amsgrad) of the same
+    parameters, those that have state.
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = parameter_names(params, model)
-    rows = []
+    if isinstance(optimizer, FOAM):
+        optimizer._decide_all()  # the levels parameters without state will get
+    rows, without = [], 0
     for gi, group in enumerate(optimizer.param_groups):
         n_moments = 3 if group.get("amsgrad") else 2
         for pi, p in enumerate(group["params"]):
-            st = optimizer.state.get(p, {})
-            level = st.get("foam_level", 0)
+            st = optimizer.state.get(p) or {}
+            given = group.get("param_names")
+            name = names.get(id(p)) or (given[pi] if given else f"group{gi}.param{pi}")
+            if not st:
+                without += 1
+                level = level_for(group, pi, p) if isinstance(optimizer, FOAM) else 0
+                rows.append((name, tuple(p.shape), level, 0, 0))
+                continue
             foam = sum(
                 local_numel(t) * t.element_size()
                 for k, t in st.items()
                 if isinstance(t, Tensor) and k != "step"
             )
             adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
-            rows.append(
-                (names.get(id(p), f"group{gi}.param{pi}"), tuple(p.shape), level, foam, adam)
-            )
-    return Explanation(rows)
+            rows.append((name, tuple(p.shape), st.get("foam_level", 0), foam, adam))
+    return Explanation(rows, without)

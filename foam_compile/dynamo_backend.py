@@ -12,7 +12,8 @@ entry point (no import needed). For each captured graph the backend
 After the conversion Dynamo re-traces the step once (the optimizer's class changed), this time
 tracing FOAM's own step, which Inductor compiles; from then on the steady state has no
 recompiles (use a tensor lr, or ``tensor_lr=True`` which is the backend's default, so that a
-scheduler does not recompile).
+scheduler does not recompile; the schedulers then still report float lrs:
+:mod:`foam_compile.tensor_lr`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import torch
 from torch import fx
 
 from . import compile_hooks
-from .convert import convert
+from .convert import convert, stock_name
 from .discovery import optimizers_owning
 from .families import family_of, supported_names
 from .hyper import check_options
-from .optimizer import FOAM, check_autotune
-from .passes.fold_adam_states import fold_adam_states, graph_tensors
+from .optimizer import FOAM, check_autotune, check_levels
+from .passes.fold_adam_states import fold_adam_states, graph_tensors, updates_params
 
 __all__ = ["backend", "foam_backend", "FoamBackend"]
 
@@ -73,6 +74,8 @@ class FoamBackend:
             )
         given = {k: convert_options.get(k) for k in ("level", "scale", "res_scale")}
         check_options(where, **given)
+        if "levels" in convert_options:
+            convert_options["levels"] = check_levels(convert_options["levels"], where)
         check_autotune(
             where,
             auto=given["level"] == "auto",
@@ -97,12 +100,12 @@ class FoamBackend:
             ]
         else:
             found = optimizers_owning(tensors)
-        self._check(found)
+        self._check(found, gm, example_inputs)
         rewritten = fold_adam_states(gm, example_inputs, found, **self.convert_options)
         if rewritten and self.tensor_lr:
             compile_hooks.make_lrs_tensors_after_this_compile(rewritten)
         for opt in rewritten:
-            log.info("foam: converted %s to FOAM\n%s", type(opt).__name__, _explain(opt))
+            log.info("foam: converted %s to FOAM\n%s", stock_name(opt), _explain(opt))
         if rewritten and self.inner is None:
             # This graph runs once: the optimizer's class just changed, so Dynamo's type guard
             # fails on the next call and re-traces FOAM's own step, which Inductor compiles then.
@@ -117,7 +120,7 @@ class FoamBackend:
 
         return compile_fx(gm, example_inputs)
 
-    def _check(self, found: list[torch.optim.Optimizer]) -> None:
+    def _check(self, found: list[torch.optim.Optimizer], gm, example_inputs) -> None:
         """Say once, per optimizer, when FOAM cannot take over its step."""
         for opt in found:
             if isinstance(opt, FOAM):
@@ -132,7 +135,8 @@ class FoamBackend:
                     "torch.compile, so its step still runs plain Adam. Fix: call "
                     "foam_compile.convert(optimizer) once after creating it.",
                 )
-            elif not known and opt.state:
+            elif not known and (opt.state or updates_params(gm, example_inputs, opt)):
+                # A stateless step (plain SGD) shows up as in-place updates of its parameters.
                 _warn_once(
                     opt,
                     "unknown",

@@ -1,8 +1,17 @@
 """Which parameters fold, and how deep: the paper's recipe as the default policy.
 
 FOAM folds the 2-d weights of attention and MLP blocks and keeps plain Adam (level 0) for
-embeddings, the output head, norms and every 0-d/1-d parameter (ALGORITHM.md, "Which parameters
-fold"). Names come from the model when given, else from the live modules that own the tensors.
+embeddings, the output head, norms and every 0-d/1-d parameter (docs/algorithm.md, "Which
+parameters fold"). One policy serves every way parameters enter FOAM (``FOAM(...)``,
+``add_param_group``, ``convert``, the ``"foam"`` backend). It needs names:
+
+- named parameters (``FOAM(model.named_parameters())``, torch's ``param_names``) give them;
+- else ``model=`` gives them (and which modules are embeddings);
+- else the live root module that owns each tensor does (``discovery.owner_roots``; the names
+  read as in the user's model, through torch.compile/DDP/FSDP wrappers).
+
+A tensor that no live module owns has no name: only the shape rule applies to it (0-d/1-d at
+level 0), so every 2-d+ such tensor folds at its group's level.
 """
 
 from __future__ import annotations
@@ -15,12 +24,58 @@ from torch import Tensor, nn
 from .discovery import embedding_params, parameter_names
 from .reference import effective_level
 
-__all__ = ["KEEP_UNFOLDED", "choose_levels"]
+__all__ = ["KEEP_UNFOLDED", "choose_levels", "overrides"]
 
 # Name patterns kept at level 0 by default (matched with re.search on the qualified name).
 # A top-level ``output``/``head`` is an output projection (Meta LLaMA, ViT); a nested one (BERT's
 # ``attention.output.dense``) is an ordinary weight that folds.
 KEEP_UNFOLDED = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"^head\.", r"^output\.", r"norm")
+
+
+def overrides(
+    params: Iterable[Tensor],
+    *,
+    names: Mapping[int, str] | None = None,
+    model: nn.Module | None = None,
+    levels: Mapping[str | Tensor, int] | None = None,
+    keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
+    explicit: set[int] | None = None,
+) -> dict[int, int | None]:
+    """``id(param) -> level`` the policy pins it to, or ``None``: it follows its group's level.
+
+    Explicit ``levels`` (by tensor or name) come first, then the policy: embeddings and names
+    matching ``keep_unfolded`` are pinned to level 0. ``names`` (``id -> name``) are used as
+    given; without them names come from ``model`` or the owning modules, looked up only for the
+    2-d+ tensors whose level they can change. ``explicit``, if given, collects the ids pinned by
+    ``levels``.
+    """
+    params = list(params)
+    by_tensor = {id(k): v for k, v in (levels or {}).items() if isinstance(k, Tensor)}
+    by_name = {k: v for k, v in (levels or {}).items() if isinstance(k, str)}
+    patterns = [re.compile(p) for p in (keep_unfolded or ())]
+    unknown = [p for p in params if p.dim() >= 2 and id(p) not in by_tensor]
+    names = dict(names or {})
+    embeddings: set[int] = set()
+    lookup = [p for p in unknown if id(p) not in names]
+    if lookup:
+        if patterns or by_name:
+            names.update(parameter_names(lookup, model))
+        embeddings = embedding_params(lookup, model)
+    chosen: dict[int, int | None] = {}
+    for p in params:
+        name = names.get(id(p), "")
+        level = by_tensor.get(id(p))
+        if level is None:
+            level = next((by_name[n] for n in name.split("|") if n in by_name), None)
+        if level is not None:
+            chosen[id(p)] = int(level)
+            if explicit is not None:
+                explicit.add(id(p))
+        elif id(p) in embeddings or any(r.search(name) for r in patterns):
+            chosen[id(p)] = 0
+        else:
+            chosen[id(p)] = None
+    return chosen
 
 
 def choose_levels(
@@ -30,28 +85,14 @@ def choose_levels(
     model: nn.Module | None = None,
     levels: Mapping[str | Tensor, int] | None = None,
     keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
+    names: Mapping[int, str] | None = None,
 ) -> dict[int, int]:
-    """``id(param) -> level``: explicit ``levels`` (by name or tensor) first, then the policy.
-
-    ``level`` is the level of the parameters the policy folds, or a function of the parameter.
-    """
+    """``id(param) -> level``: :func:`overrides`, and ``level`` (an int, or a function of the
+    parameter) for the parameters the policy leaves to their group."""
     level_of = level if callable(level) else (lambda _p: level)
     params = list(params)
-    names = parameter_names(params, model)
-    embeddings = embedding_params(params, model)
-    patterns = [re.compile(p) for p in (keep_unfolded or ())]
-    by_tensor = {id(k): v for k, v in (levels or {}).items() if isinstance(k, Tensor)}
-    by_name = {k: v for k, v in (levels or {}).items() if isinstance(k, str)}
-    chosen = {}
-    for p in params:
-        name = names.get(id(p), "")
-        explicit = by_tensor.get(id(p))
-        if explicit is None:
-            explicit = next((by_name[n] for n in name.split("|") if n in by_name), None)
-        if explicit is not None:
-            chosen[id(p)] = effective_level(p.shape, int(explicit))
-        elif id(p) in embeddings or any(r.search(name) for r in patterns):
-            chosen[id(p)] = 0
-        else:
-            chosen[id(p)] = effective_level(p.shape, level_of(p))
-    return chosen
+    pinned = overrides(params, names=names, model=model, levels=levels, keep_unfolded=keep_unfolded)
+    return {
+        id(p): effective_level(p.shape, level_of(p) if pinned[id(p)] is None else pinned[id(p)])
+        for p in params
+    }

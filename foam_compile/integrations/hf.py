@@ -3,8 +3,8 @@
 Two ways in, both of which also work under FSDP (the Trainer refuses ``optimizers=`` there):
 
 - ``Trainer(..., optimizer_cls_and_kwargs=foam_optimizer(args, level=2, scale=0.25))``: the
-  Trainer builds :class:`~foam_compile.integrations.PolicyFOAM` from its own decay/no-decay
-  param groups; the policy keeps the embedding, ``lm_head`` and norms at level 0.
+  Trainer builds :class:`~foam_compile.FOAM` from its own decay/no-decay param groups; the
+  policy keeps the embedding, ``lm_head`` and norms at level 0.
 - ``Trainer(..., callbacks=[FOAMCallback()])``: the Trainer builds its usual AdamW, and the
   callback converts it in place (``foam_compile.convert``) when training begins, after a
   checkpoint's optimizer state was loaded. This also resumes a FOAM checkpoint with the
@@ -27,7 +27,6 @@ from transformers import TrainerCallback
 from ..convert import convert
 from ..optimizer import FOAM
 from ..policy import KEEP_UNFOLDED
-from .policy_foam import PolicyFOAM
 
 __all__ = ["FOAMCallback", "foam_optimizer"]
 
@@ -41,7 +40,7 @@ def foam_optimizer(
     levels: Mapping[str | Tensor, int] | None = None,
     keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
     **foam_options: Any,
-) -> tuple[type[PolicyFOAM], dict[str, Any]]:
+) -> tuple[type[FOAM], dict[str, Any]]:
     """The ``(cls, kwargs)`` pair for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
     ``args`` (``TrainingArguments``) supplies ``lr``, ``betas``, ``eps`` and ``weight_decay``
@@ -69,7 +68,7 @@ def foam_optimizer(
             "the live model."
         )
     kwargs.update(foam_options)
-    return PolicyFOAM, kwargs
+    return FOAM, kwargs
 
 
 class FOAMCallback(TrainerCallback):

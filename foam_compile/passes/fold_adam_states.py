@@ -42,7 +42,7 @@ from ..families import family_of
 from ..optimizer import FOAM
 from ..state import format_of
 
-__all__ = ["fold_adam_states", "find_adam_updates", "AdamUpdate", "graph_tensors"]
+__all__ = ["fold_adam_states", "find_adam_updates", "AdamUpdate", "graph_tensors", "updates_params"]
 
 
 @dataclass
@@ -94,6 +94,18 @@ def _is_inplace(node: fx.Node) -> bool:
         name = getattr(node.target, "__name__", "")
         return name.endswith("_") and not name.endswith("__")
     return False
+
+
+def updates_params(
+    gm: fx.GraphModule, example_inputs: Sequence, opt: torch.optim.Optimizer
+) -> bool:
+    """Whether ``gm`` updates any parameter of ``opt`` in place (its step is in this graph)."""
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    nodes = {n for n, t in graph_tensors(gm, example_inputs).items() if id(t) in params}
+    return any(
+        _is_inplace(node) and node.args and set(_flat_nodes(node.args[0])) & nodes
+        for node in gm.graph.nodes
+    )
 
 
 def find_adam_updates(

@@ -143,13 +143,6 @@ def test_optimizer_cls_and_kwargs_resumes_identically(policy_run, tmp_path):
     assert_resumes_identically(first, resumed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: FOAM(params) given bare tensors folds every 2-d tensor at its group's level, "
-    "embed_tokens and lm_head included; it needs convert's policy (names from the live modules) "
-    "when it creates state (foam_compile/optimizer.py). Until then use foam_optimizer(args), "
-    "which builds PolicyFOAM.",
-)
 def test_plain_foam_class_keeps_embedding_and_head_unfolded(tmp_path):
     def plain(model, args):
         return foam_compile.FOAM, dict(foam_optimizer(args)[1])

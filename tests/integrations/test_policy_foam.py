@@ -1,4 +1,5 @@
-"""``PolicyFOAM`` and the folded-state guard on their own (no trainer needed)."""
+"""The folding policy for bare tensors (``FOAM``, also known as ``PolicyFOAM``) and the
+folded-state guard on their own (no trainer needed)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from torch import nn
 
 import foam_compile
-from foam_compile.integrations import PolicyFOAM, policy_foam
+from foam_compile import discovery
+from foam_compile.integrations import PolicyFOAM
 
 from .common import check_levels
 from .tiny_lm import batches, lm_loss, make_model
@@ -48,10 +50,8 @@ def test_state_before_the_closure_runs():
 def test_one_heap_scan_for_one_optimizer_per_parameter(monkeypatch):
     """torchtune's optimizer_in_bwd: the owner found for the first parameter serves the rest."""
     calls = []
-    find = policy_foam.root_modules
-    monkeypatch.setattr(
-        policy_foam, "root_modules", lambda ids, **kw: calls.append(len(ids)) or find(ids, **kw)
-    )
+    find = discovery._find_roots
+    monkeypatch.setattr(discovery, "_find_roots", lambda ps: calls.append(len(ps)) or find(ps))
     model = make_model()
     opts = {p: PolicyFOAM([p], lr=1e-2) for p in model.parameters()}
     lm_loss(model(batches(1)[0]), batches(1)[0]).backward()

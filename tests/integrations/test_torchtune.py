@@ -150,16 +150,8 @@ def test_recipe_config_trains_folded_and_resumes_identically(component, in_bwd, 
         assert torch.equal(a, b), name
 
 
-PLAIN_FOLDS_EMBEDDINGS = pytest.mark.xfail(
-    strict=True,
-    reason="core: FOAM(params) given bare tensors (what config.instantiate passes) folds every "
-    "2-d tensor, tok_embeddings and output included; it needs convert's policy when it creates "
-    "state (foam_compile/optimizer.py). Until then: _component_: " + POLICY,
-)
-
-
 @pytest.mark.parametrize("in_bwd", [False, True], ids=["one_optimizer", "optimizer_in_bwd"])
-@pytest.mark.parametrize("component", [POLICY, pytest.param(PLAIN, marks=PLAIN_FOLDS_EMBEDDINGS)])
+@pytest.mark.parametrize("component", [POLICY, PLAIN])
 def test_recipe_config_keeps_embedding_head_and_norms_unfolded(component, in_bwd):
     recipe = Recipe(component, in_bwd)
     recipe.train(1)
