@@ -148,3 +148,4 @@ def plan(
 register("torch", "foam_compile.backends.plain_torch")
 register("triton", "foam_compile.backends.triton_cuda", ("cuda",))
 register("inductor-cpu", "foam_compile.backends.inductor_cpu", ("cpu",))
+register("cpu", "foam_compile.backends.cpu", ("cpu",), before="inductor-cpu")
