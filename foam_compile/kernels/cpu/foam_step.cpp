@@ -26,8 +26,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #if defined(_OPENMP)
@@ -47,6 +48,11 @@ constexpr int VBYTES = 32;
 constexpr int VBYTES = 16;
 #endif
 
+// Software prefetch distance in bytes: each iteration is a long dependency chain (butterfly,
+// moments, sqrt, divide), so few iterations fit the out-of-order window and the hardware
+// prefetcher alone leaves DRAM idle; measured on a loaded 2-core EPYC: ~10-20% faster.
+constexpr int64_t PREFETCH = 1024;
+
 template <class T>
 struct Vec {
   typedef T type __attribute__((vector_size(VBYTES)));
@@ -57,6 +63,12 @@ typedef uint16_t vu16 __attribute__((vector_size(VBYTES / 2)));
 typedef uint32_t vu32 __attribute__((vector_size(VBYTES)));
 typedef int32_t vi32 __attribute__((vector_size(VBYTES)));
 
+template <class V, class T>
+inline V splat(T x) {
+  V r;
+  for (int i = 0; i < int(sizeof(V) / sizeof(T)); ++i) r[i] = x;
+  return r;
+}
 template <class V>
 inline V load_raw(const void* p) {
   V v;
@@ -101,10 +113,15 @@ struct Param<bf16> {
   using T = float;
   using V = Vec<float>::type;
   static V load(const bf16* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // One widening load (GCC splits __builtin_convertvector of 16 bytes into two halves).
+    return (V)_mm256_slli_epi32(_mm256_cvtepu16_epi32(load_raw<__m128i>(p)), 16);
+#else
     vu32 w = __builtin_convertvector(load_raw<vu16>(p), vu32) << 16;
     V x;
     std::memcpy(&x, &w, sizeof x);
     return x;
+#endif
   }
   // Round to nearest even, NaN kept quiet: what torch's float -> bfloat16 conversion does
   // (c10/util/BFloat16.h, round_to_nearest_even).
@@ -113,8 +130,14 @@ struct Param<bf16> {
     std::memcpy(&u, &x, sizeof u);
     vu32 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     vi32 nan = x != x;
-    r = nan ? vu32{} + 0x7fc0u : r;
+    r = nan ? splat<vu32>(0x7fc0u) : r;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // r < 2**16: a saturating pack is a plain narrowing; the permute puts both halves low.
+    __m256i packed = _mm256_packus_epi32((__m256i)r, (__m256i)r);
+    store_raw(p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
+#else
     store_raw(p, __builtin_convertvector(r, vu16));
+#endif
   }
 };
 
@@ -172,24 +195,45 @@ inline V group_sum(V x) {
 }
 
 // K = W/B block values -> W lanes (lane i holds value i / B), and back (lanes 0, B, 2B, ...).
+// The K values are loaded into a register of at least 16 bytes through an integer of their
+// size (GCC otherwise widens an 8-byte vector through the stack, and a 32-byte load of two
+// smaller stores stalls store forwarding), then spread by one permute.
 template <int B, class T, int W>
 struct Lanes {
   static constexpr int K = W / B;
-  typedef T small __attribute__((vector_size(K * sizeof(T))));
+  static constexpr int BYTES = K * int(sizeof(T));
+  static constexpr int CARRIER = BYTES < 16 ? 16 : BYTES;
+  typedef T small __attribute__((vector_size(BYTES)));
+  typedef T carrier __attribute__((vector_size(CARRIER)));
   typedef typename Vec<T>::type V;
-  template <std::size_t... I>
-  static V expand_(small s, std::index_sequence<I...>) {
-    return __builtin_shufflevector(s, s, (I / B)...);
+  template <std::size_t... J>
+  static V expand_(carrier c, std::index_sequence<J...>) {
+    return __builtin_shufflevector(c, c, (J / B)...);
   }
-  template <std::size_t... I>
-  static small compress_(V x, std::index_sequence<I...>) {
-    return __builtin_shufflevector(x, x, (I * B)...);
+  template <std::size_t... J>
+  static small compress_(V x, std::index_sequence<J...>) {
+    return __builtin_shufflevector(x, x, (J * B)...);
+  }
+  template <class U>
+  static carrier widen(const T* p) {
+    typedef U wide __attribute__((vector_size(16)));
+    U bits;
+    std::memcpy(&bits, p, sizeof bits);
+    wide w{};
+    w[0] = bits;
+    carrier c;
+    std::memcpy(&c, &w, sizeof c);
+    return c;
   }
   static V load(const T* p) {
     if constexpr (B == 1) {
       return load_raw<V>(p);
+    } else if constexpr (BYTES == 4) {
+      return expand_(widen<uint32_t>(p), std::make_index_sequence<W>{});
+    } else if constexpr (BYTES == 8) {
+      return expand_(widen<uint64_t>(p), std::make_index_sequence<W>{});
     } else {
-      return expand_(load_raw<small>(p), std::make_index_sequence<W>{});
+      return expand_(load_raw<carrier>(p), std::make_index_sequence<W>{});
     }
   }
   static void store(T* p, V x) {
@@ -265,7 +309,6 @@ struct Kernel {
   using St = PlainState<T>;
   static constexpr int W = Vec<T>::W;
 
-  static V splat(T x) { return V{} + x; }
 
   // The gradient the moments see: maximize's sign, Adam's coupled decay.
   static V grad(const S* g, const S* p, const Scalars<T>& c) {
@@ -321,10 +364,14 @@ struct Kernel {
     T* m = st[0].open(row, b0, nblk, nullptr);
     T* v = st[1].open(row, b0, nblk, nullptr);
     T* vm = AMS ? st[2].open(row, b0, nblk, nullptr) : nullptr;
-    const V inv_b = splat(T(1) / T(B));
+    const V inv_b = splat<V>(T(1) / T(B));
     int64_t e = c0;
     for (; e < full_end; e += W) {
       int64_t b = (e - c0) / B;
+      __builtin_prefetch(p + e + PREFETCH / sizeof(S), 1);
+      __builtin_prefetch(g + e + PREFETCH / sizeof(S), 0);
+      __builtin_prefetch(m + b + PREFETCH / sizeof(S) / B, 1);
+      __builtin_prefetch(v + b + PREFETCH / sizeof(S) / B, 1);
       small_vec<B>(p + e, g + e, m + b, v + b, AMS ? vm + b : nullptr, inv_b, c);
     }
     if (e < c1) {  // the row's last vector: through zero-padded copies
@@ -414,7 +461,7 @@ struct Kernel {
       vu = *vm > vn ? *vm : vn;
       *vm = vu;
     }
-    const V gbv = splat(gmean), mv = splat(mn), vuv = splat(vu);
+    const V gbv = splat<V>(gmean), mv = splat<V>(mn), vuv = splat<V>(vu);
     auto one = [&](S* pp, const S* gg) {
       V x = grad(gg, pp, c);
       V r = x - gbv;
