@@ -230,7 +230,7 @@ def test_bad_state_is_refused_before_anything_is_written():
     before = good.p.clone()
     g = [good.grad(gen, 1.0)[0], bad.grad(gen, 1.0)[0]]
     bad.state["exp_avg_sq"] = torch.zeros(4, 9)  # full size: not the level-2 state
-    with pytest.raises(ValueError, match="parameter 1: exp_avg_sq has 36 elements"):
+    with pytest.raises(ValueError, match="parameter 1: a moment has 36 elements"):
         step_all([good, bad], g, HYPERS["adamw"])
     torch.testing.assert_close(good.p, before, rtol=0, atol=0)
     bad.state["exp_avg_sq"] = torch.zeros(4, 3, dtype=F64)

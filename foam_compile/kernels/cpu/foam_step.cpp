@@ -35,7 +35,7 @@
 #include <omp.h>
 #endif
 
-#define FOAM_CPU_ABI 1
+#define FOAM_CPU_ABI 2
 #define FOAM_API __attribute__((visibility("default")))
 
 namespace {
@@ -632,11 +632,12 @@ FOAM_API int foam_cpu_supports_dtype(int dtype) {
   return pick(d, false, false) != nullptr;
 }
 
-// Steps `count` parameters described by `descs` (12 int64 each, see Desc). Returns 0, or 1 + the
-// index of the first parameter it cannot take (nothing is written then).
+// Steps `count` parameters described by `descs` (12 int64 each, see Desc); with `increment`, adds
+// 1 to each step count first (once, before the threads start). Returns 0, or 1 + the index of
+// the first parameter it cannot take (nothing is written then).
 FOAM_API int foam_cpu_step(const int64_t* descs, int64_t count, double lr, double beta1, double beta2,
                   double eps, double weight_decay, double scale, double res_scale, int decoupled,
-                  int amsgrad, int maximize, int threads) {
+                  int amsgrad, int maximize, int increment, int threads) {
   static_assert(sizeof(Desc) == 12 * sizeof(int64_t), "descriptor layout");
   const Desc* ds = reinterpret_cast<const Desc*>(descs);
   const HyperIn h{lr, beta1, beta2, eps, weight_decay, scale, res_scale,
@@ -654,6 +655,13 @@ FOAM_API int foam_cpu_step(const int64_t* descs, int64_t count, double lr, doubl
     }
     elements += ds[i].rows * ds[i].n;
     total += weight(ds[i], amsgrad != 0) * double(ds[i].rows * ds[i].n);
+  }
+  for (int64_t i = 0; increment && i < count; ++i) {
+    if (ds[i].step_dtype == 1) {
+      *reinterpret_cast<double*>(ds[i].step) += 1;
+    } else {
+      *reinterpret_cast<float*>(ds[i].step) += 1;
+    }
   }
   // Waking a thread costs microseconds: only for ranges worth it.
   const int64_t min_per_thread = 1 << 15;
