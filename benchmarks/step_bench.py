@@ -143,8 +143,9 @@ def bytes_per_step(params, block_mask, impl: str) -> int:
     for p, b in zip(params, block_mask):
         if impl.startswith("FOAM"):
             total += cost(p.shape, LEVEL if b else 0, param_dtype=p.dtype).step_bytes
-        else:  # torch (and DeepSpeed) keep AdamW's moments in the parameter dtype
-            total += cost(p.shape, 0, param_dtype=p.dtype, state_dtype=p.dtype).adamw_step_bytes
+        else:  # torch keeps AdamW's moments in the parameter dtype, DeepSpeed in float32
+            state = torch.float32 if impl == "DeepSpeedCPUAdam" else p.dtype
+            total += cost(p.shape, 0, param_dtype=p.dtype, state_dtype=state).adamw_step_bytes
     return total
 
 
