@@ -15,6 +15,9 @@ memory; the values drift but stay finite, timing is all that is measured):
   Triton kernel; on CPU it is Inductor's C++ code for ``foam_compile.functional``.
 * ``AdamW foreach``, ``AdamW fused``: eager ``torch.optim.AdamW(foreach=True / fused=True)``.
 * ``AdamW compiled``: ``torch.compile(AdamW(..., lr=tensor).step)``.
+* ``DeepSpeedCPUAdam`` (CPU, when ``deepspeed`` is importable; run with ``DS_ACCELERATOR=cpu``):
+  DeepSpeed's hand-vectorised CPU Adam (AdamW mode), the bar for offloaded optimizer steps. Its
+  C++ op is compiled on first use, so its "1st step s" includes that build when not cached.
 
 Steps are timed round-robin (one step of each implementation in turn, ``--reps`` rounds) so that
 machine load hits all of them alike; the table gives the median and the minimum. "MB/step" is
@@ -61,7 +64,16 @@ CONFIGS = {
     "1b": dict(hidden=2048, inter=5461, layers=24, heads=32, vocab=32000),
 }
 LEVEL = 2  # the paper's fold level for block weights
-IMPLS = ("FOAM compiled", "AdamW foreach", "AdamW fused", "AdamW compiled")
+IMPLS = ("FOAM compiled", "AdamW foreach", "AdamW fused", "AdamW compiled", "DeepSpeedCPUAdam")
+
+
+def deepspeed_adam():
+    """DeepSpeed's ``DeepSpeedCPUAdam`` class, or None where deepspeed is not importable."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception:  # not installed, or no accelerator it can use
+        return None
+    return DeepSpeedCPUAdam
 
 
 def llama_shapes(cfg: dict) -> list[tuple[tuple[int, ...], bool]]:
@@ -116,6 +128,9 @@ def make_steppers(params, block_mask, device, impls):
         elif impl == "AdamW compiled":
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
             steppers[impl] = (opt, torch.compile(opt.step))
+        elif impl == "DeepSpeedCPUAdam":
+            opt = deepspeed_adam()(params, lr=1e-3, weight_decay=0.01, adamw_mode=True)
+            steppers[impl] = (opt, opt.step)
         else:
             kw = {"foreach": True} if impl == "AdamW foreach" else {"fused": True}
             opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **kw)
@@ -128,8 +143,9 @@ def bytes_per_step(params, block_mask, impl: str) -> int:
     for p, b in zip(params, block_mask):
         if impl.startswith("FOAM"):
             total += cost(p.shape, LEVEL if b else 0, param_dtype=p.dtype).step_bytes
-        else:  # torch keeps AdamW's moments in the parameter dtype
-            total += cost(p.shape, 0, param_dtype=p.dtype, state_dtype=p.dtype).adamw_step_bytes
+        else:  # torch keeps AdamW's moments in the parameter dtype, DeepSpeed in float32
+            state = torch.float32 if impl == "DeepSpeedCPUAdam" else p.dtype
+            total += cost(p.shape, 0, param_dtype=p.dtype, state_dtype=state).adamw_step_bytes
     return total
 
 
@@ -146,6 +162,8 @@ def run_case(size, case, dtype, device, args, copy_gbs, rows) -> None:
         block_mask.append(is_block)
     n = sum(p.numel() for p in params)
     impls = [i for i in IMPLS if i in args.impl]
+    if "DeepSpeedCPUAdam" in impls and (device.type != "cpu" or deepspeed_adam() is None):
+        impls.remove("DeepSpeedCPUAdam")
     steppers = make_steppers(params, block_mask, device, impls)
 
     compile_s, mem_growth = {}, {}

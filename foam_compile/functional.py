@@ -4,7 +4,9 @@ The optimizer's ``step``, the graphs the ``"foam"`` backend rewrites and the tes
 function. It checks the hyperparameters once (:class:`~foam_compile.hyper.Hyper`), takes the
 local shards of ``DTensor`` parameters, increments the step counters, asks the backend registry
 (:mod:`foam_compile.backends`) which step backend takes each parameter, and runs each backend
-once on its share of the group.
+once on its share of the group. A backend whose module sets ``INCREMENTS_STEPS = True``
+increments its parameters' step counts itself (in its kernel, so that a compiled step has no
+separate kernel for them); the others get them incremented here first.
 """
 
 from __future__ import annotations
@@ -42,13 +44,17 @@ def foam_adam_(
     if not params:
         return
     params, grads, states = local_states(params, grads, states)  # the math is per shard
-    steps = [st["step"] for st in states]
+    for backend, idx in backends.plan(params, grads, states, hp):
+        if not getattr(backend, "INCREMENTS_STEPS", False):
+            _increment([states[i]["step"] for i in idx])
+        backend.step_(
+            [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], hp
+        )
+
+
+def _increment(steps: list[Tensor]) -> None:
     if all(s.device == steps[0].device for s in steps):
         torch._foreach_add_(steps, 1)
     else:
         for s in steps:
             s += 1
-    for backend, idx in backends.plan(params, grads, states, hp):
-        backend.step_(
-            [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], hp
-        )

@@ -5,7 +5,8 @@ A backend is a module with two functions:
 * ``supports(p, g, level, fmt, hp) -> str | None``: ``None`` if it takes this parameter, else
   the reason it does not (said once in the log);
 * ``step_(params, grads, states, hp)``: one step of those parameters, in place (``states[i]`` is
-  parameter ``i``'s state dict, its ``step`` already incremented).
+  parameter ``i``'s state dict, its ``step`` already incremented, unless the module sets
+  ``INCREMENTS_STEPS = True``: then ``step_`` increments it).
 
 The registry lists backends in priority order with the device types they serve; :func:`select`
 asks each in turn and the plain-torch backend takes whatever is left. A backend's module is
@@ -147,4 +148,4 @@ def plan(
 # Priority order: the first that supports a parameter steps it.
 register("torch", "foam_compile.backends.plain_torch")
 register("triton", "foam_compile.backends.triton_cuda", ("cuda",))
-register("inductor-cpu", "foam_compile.backends.inductor_cpu", ("cpu",))
+register("cpu", "foam_compile.backends.cpu", ("cpu",))

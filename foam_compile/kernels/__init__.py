@@ -1,15 +1,27 @@
-"""Triton kernels for the FOAM step (ALGORITHM.md) and their thin launchers.
+"""FOAM step kernels and their thin launchers; pure kernel code that imports nothing from the
+rest of foam_compile.
 
-* :func:`foam_adam_step_` - one parameter, one launch.
-* :func:`foam_adam_grouped_` - a list of parameters in a handful of launches (grouped by dtype
-  and level).
+* :mod:`.foam_adam` (Triton): :func:`foam_adam_step_` (one parameter, one launch) and
+  :func:`foam_adam_grouped_` (a list of parameters in a handful of launches);
+* :mod:`.cpu` (C++): :func:`~.cpu.foam_cpu_step_`, a list of CPU parameters in one call.
 
-Pure kernel code: this package imports nothing from the rest of foam_compile, and importing it
-imports Triton. The torch ops and the fallback where the kernel cannot run live in
-:mod:`foam_compile.backends.triton_cuda`.
+The Triton names below load on first access (importing :mod:`.cpu` must not import Triton).
 """
 
-from . import foam_adam
-from .foam_adam import *  # noqa: F403 - the launchers' public names, listed in foam_adam.__all__
+import importlib
 
-__all__ = foam_adam.__all__
+__all__ = [
+    "HYPER_NAMES",
+    "MAX_LEVEL",
+    "SUPPORTED_DTYPES",
+    "foam_adam_grouped_",
+    "foam_adam_step_",
+    "is_interpreting",
+    "is_tracing",
+]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module(".foam_adam", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from foam_compile import backends
-from foam_compile.backends import inductor_cpu, plain_torch
+from foam_compile.backends import cpu, plain_torch
 from foam_compile.checkpoint import new_state
 from foam_compile.functional import foam_adam_
 from foam_compile.hyper import Hyper
@@ -47,43 +47,47 @@ def messages(caplog, level=None) -> list[str]:
 
 
 def test_priority_order_and_devices():
-    assert backends.registered() == ["triton", "inductor-cpu", "torch"]
+    assert backends.registered() == ["triton", "cpu", "torch"]
     serving = {
         device: [b.name for b in backends._REGISTRY if b.serves(device)]
         for device in ("cuda", "cpu", "meta")
     }
     assert serving == {
         "cuda": ["triton", "torch"],
-        "cpu": ["inductor-cpu", "torch"],
+        "cpu": ["cpu", "torch"],
         "meta": ["torch"],
     }
 
 
 def test_select_on_cpu_says_why_once(registry, foam_log):
     p = torch.zeros(4, 8)
-    assert registry.select(p, p, 2, FP32, HP) is inductor_cpu
+    assert registry.select(p, p, 2, FP32, HP) is cpu
     assert messages(foam_log) == []  # the first backend asked took it: nothing to say
+    strided = torch.zeros(8, 4).t()
     for _ in range(3):
-        assert registry.select(p, p, 0, FP32, HP) is plain_torch
+        assert registry.select(strided, strided, 0, FP32, HP) is plain_torch
     (said,) = messages(foam_log, logging.INFO)
     assert said == (
         "foam: a cpu parameter (torch.float32, level 0) runs the 'torch' step backend: "
-        "the CPU lowering takes folded parameters at levels 1..3"
+        "the CPU kernel takes contiguous parameters"
     )
-    empty = torch.zeros(0, 8)
-    assert registry.select(empty, empty, 2, FP32, HP) is plain_torch  # another reason: said too
-    assert messages(foam_log)[1].endswith("runs the 'torch' step backend: empty parameter")
+    g16 = p.to(torch.float16)
+    assert registry.select(p, g16, 2, FP32, HP) is plain_torch  # another reason: said too
+    assert messages(foam_log)[1].endswith(
+        "runs the 'torch' step backend: "
+        "the CPU kernel takes gradients of the parameter's dtype and shape"
+    )
     assert len(messages(foam_log)) == 2
 
 
 def test_plan_groups_parameters_by_backend_in_first_seen_order(registry):
-    params = [torch.zeros(4, 8), torch.zeros(5), torch.zeros(3, 9), torch.zeros(2, 2)]
+    params = [torch.zeros(8, 4).t(), torch.zeros(5), torch.zeros(3, 9), torch.zeros(2, 2).t()]
     moments = moments_of(HP)
     states = [new_state(p, level, moments, FP32) for p, level in zip(params, (0, 2, 3, 2))]
     plan = registry.plan(params, params, states, HP)
     assert [(module, idx) for module, idx in plan] == [
-        (plain_torch, [0, 1]),
-        (inductor_cpu, [2, 3]),
+        (plain_torch, [0, 3]),
+        (cpu, [1, 2]),
     ]
 
 
@@ -121,13 +125,13 @@ def _fake_backend(monkeypatch, name: str, takes_level: int) -> types.ModuleType:
 
 def test_register_before_another_backend(registry, monkeypatch, foam_log):
     fake = _fake_backend(monkeypatch, "fake_cpu_backend", takes_level=2)
-    registry.register("fake", "fake_cpu_backend", ("cpu",), before="inductor-cpu")
-    assert registry.registered() == ["triton", "fake", "inductor-cpu", "torch"]
+    registry.register("fake", "fake_cpu_backend", ("cpu",), before="cpu")
+    assert registry.registered() == ["triton", "fake", "cpu", "torch"]
     p = torch.zeros(4, 8)
     assert registry.select(p, p, 2, FP32, HP) is fake
-    assert registry.select(p, p, 3, FP32, HP) is inductor_cpu
+    assert registry.select(p, p, 3, FP32, HP) is cpu
     assert messages(foam_log) == [
-        "foam: a cpu parameter (torch.float32, level 3) runs the 'inductor-cpu' step backend: "
+        "foam: a cpu parameter (torch.float32, level 3) runs the 'cpu' step backend: "
         "only level 2"
     ]
 
@@ -136,20 +140,20 @@ def test_register_before_another_backend(registry, monkeypatch, foam_log):
     states = [new_state(q, level, moments_of(HP), FP32) for q, level in zip(params, (2, 3, 2))]
     foam_adam_(params, [torch.ones_like(q) for q in params], states, HP)
     assert fake.calls == [[(4, 8), (3, 5)]]
-    assert float(params[1].abs().sum()) > 0  # the level-3 one stepped through inductor-cpu
+    assert float(params[1].abs().sum()) > 0  # the level-3 one stepped through the CPU kernel
 
     # Without ``before``: just ahead of plain torch. Registering a name again moves it.
     registry.register("fake2", "fake_cpu_backend", ("cpu",))
-    assert registry.registered() == ["triton", "fake", "inductor-cpu", "fake2", "torch"]
+    assert registry.registered() == ["triton", "fake", "cpu", "fake2", "torch"]
     registry.register("fake", "fake_cpu_backend", ("cpu",), before="triton")
-    assert registry.registered() == ["fake", "triton", "inductor-cpu", "fake2", "torch"]
+    assert registry.registered() == ["fake", "triton", "cpu", "fake2", "torch"]
 
 
 def test_a_backend_that_cannot_be_imported_is_passed_over(registry, foam_log):
-    registry.register("missing", "foam_compile_no_such_backend", ("cpu",), before="inductor-cpu")
+    registry.register("missing", "foam_compile_no_such_backend", ("cpu",), before="cpu")
     p = torch.zeros(4, 8)
-    assert registry.select(p, p, 2, FP32, HP) is inductor_cpu
-    assert registry.select(p, p, 2, FP32, HP) is inductor_cpu
+    assert registry.select(p, p, 2, FP32, HP) is cpu
+    assert registry.select(p, p, 2, FP32, HP) is cpu
     (said,) = messages(foam_log)
     assert said.startswith("foam: step backend 'missing' is unavailable here (No module named")
 
@@ -186,5 +190,5 @@ def test_prepare_imports_the_backends_of_the_devices_seen():
         "([], False)",
         "([], False)",
         "(['plain_torch'], False)",
-        "(['inductor_cpu', 'plain_torch'], False)",
+        "(['cpu', 'plain_torch'], False)",
     ]
