@@ -13,7 +13,12 @@ are the truth):
   drop the step). Opaque, the op's ``mutates_args`` are what Inductor trusts; they name exactly the
   written lists.
 
-The backend steps a group through ``adam_step_grouped_``. Both ops also run where the kernel
+The backend steps a group through ``adam_step_grouped_``. Step counters are incremented once
+per step, by the one ``torch._foreach_add_`` in :func:`foam_compile.functional.foam_adam_`; the
+kernel reads device counters where they live (a column of its pointer table), so a capturable
+step (``capturable=True``, steps on the device) does no host read, no gather and no copy: it can
+be captured by ``torch.compile(mode="reduce-overhead")`` once an eager step has built the
+kernel's tables (cudagraph trees run eager warm-up steps first). Both ops also run where the kernel
 cannot (CPU without ``TRITON_INTERPRET=1``, float64, a level above the kernel's ``MAX_LEVEL``):
 there they run the one plain-torch update (:mod:`foam_compile.update`). ``lr``/``step`` are
 split into a number and an optional tensor (a tensor, when given, wins): op schemas have no
@@ -24,6 +29,7 @@ parameter is seen.
 # ruff: noqa: UP045 - the op signatures keep typing.Optional: torch.library's schema inference
 # reads these annotations at runtime, and Optional[Tensor] is the spelling every torch >= 2.11
 # understands.
+import operator
 from collections.abc import Sequence
 from typing import Optional
 
@@ -44,6 +50,7 @@ from ..update import foam_update_
 
 __all__ = ["adam_step_", "adam_step_grouped_", "kernel_supports", "step_", "supports"]
 
+_DTYPE = operator.attrgetter("dtype")
 _ONE_MUTATES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _GROUPED_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
@@ -102,6 +109,26 @@ def step_(
         lr_tensor,
         **_hyper_kwargs(hp),
     )
+
+
+def _split_supported(params, grads, levels) -> tuple[list[int], list[int]]:
+    """``(indices the kernel takes, the others)``. One pass over each list's metadata decides the
+    common case (all taken) without a Python call per parameter: host time matters at a few
+    hundred parameters per step."""
+    dtypes = set(map(_DTYPE, params)) | set(map(_DTYPE, grads))
+    devices = {p.device.type for p in params}
+    if (
+        dtypes <= set(SUPPORTED_DTYPES)
+        and (devices == {"cuda"} or (devices == {"cpu"} and is_interpreting()))
+        and all(map(Tensor.is_contiguous, params))
+        and all(map(Tensor.is_contiguous, grads))
+        and all(isinstance(lv, int) and 0 <= lv <= MAX_LEVEL for lv in levels)
+    ):
+        return list(range(len(params))), []
+    fast, slow = [], []
+    for i, p in enumerate(params):
+        (fast if kernel_supports(p, grads[i], levels[i]) else slow).append(i)
+    return fast, slow
 
 
 def _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, level, lr, **hyper):
@@ -216,9 +243,19 @@ def _adam_step_grouped_impl(
         scale=scale,
         res_scale=res_scale,
     )
-    fast, slow = [], []
-    for i, p in enumerate(params):
-        (fast if kernel_supports(p, grads[i], levels[i]) else slow).append(i)
+    fast, slow = _split_supported(params, grads, levels)
+    if len(fast) == len(params):  # the common case: the lists go to the kernel as they are
+        foam_adam_grouped_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else None,
+            state_steps,
+            levels,
+            **hp,
+        )
+        return
     if fast:
 
         def pick(seq):
