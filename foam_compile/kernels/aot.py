@@ -35,6 +35,7 @@ import argparse
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -53,7 +54,6 @@ DTYPES = ("fp32", "bf16", "fp16")
 DTYPE_PAIRS = tuple((p, g) for p in DTYPES for g in DTYPES)
 STEP_KINDS = ("fp32", None, "fp64", "i64", "i32")  # a device counter's dtype, None = host
 LR_KINDS = ("fp32", None, "fp64")
-_SOURCES = ("tile.py", "foam_adam.py", "plans.py", "checks.py", "tuning.py", "aot.py")
 _HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -192,18 +192,42 @@ def _unique(variants: Iterable[Variant]) -> list[Variant]:
 
 
 # ------------------------------------------------------------------------------ compiling
-def source_hash() -> str:
-    """What a cached result depends on: the kernels' source, Triton and ptxas versions."""
-    h = hashlib.sha256()
-    for name in _SOURCES:
-        h.update((_HERE / name).read_bytes())
-    try:
-        from importlib.metadata import version
+def _unwrap(obj):
+    """The Python function under a ``@triton.jit`` / ``@triton.autotune`` / interpreter object."""
+    while hasattr(obj, "fn"):
+        obj = obj.fn
+    return obj
 
-        h.update(version("triton").encode())
-    except Exception:  # pragma: no cover - a source checkout of triton
-        h.update(b"triton ?")
-    return h.hexdigest()[:16]
+
+def source_hash() -> str:
+    """What a cached result depends on: the device code (``tile.py`` and the two kernels), what
+    decides a launch's arguments (the constexpr builders, the configs, the chunk size, this
+    module's signature and measurement code) and the Triton version. Docstrings and host code
+    elsewhere can change without recompiling anything."""
+    from importlib.metadata import version
+
+    from . import foam_adam, plans
+
+    parts = [(_HERE / "tile.py").read_text(), version("triton")]
+    for obj in (
+        foam_adam._foam_adam_kernel,
+        foam_adam._foam_adam_multi_kernel,
+        foam_adam.single_constexprs,
+        foam_adam.multi_constexprs,
+        plans.chunk_blocks,
+        tuning.allowed,
+        Variant,
+        launch_signature,
+        compile_one,
+        _res_usage,
+    ):
+        parts.append(inspect.getsource(_unwrap(obj)))
+    parts += [
+        repr(tuning.CONFIGS),
+        repr(plans.CHUNK_ELEMS),
+        repr(sorted(map(str, foam_adam._TL_DTYPE.values()))),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _tl_dtype(name):
@@ -482,6 +506,26 @@ def table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def grid_table(results: Sequence[dict], config=GRID_CONFIG) -> str:
+    """The register grid: one row per level, registers (and spill bytes when any) of the even
+    and the ragged launch of each kernel on each architecture, heaviest flags, one config."""
+    cells = {}
+    for r in results:
+        v = r["variant"]
+        base = _heavy(v.kernel, v.arch, v.level, v.even, config)
+        if "error" in r or v != base:
+            continue
+        spill = f" ({r['local']} B spill)" if r["local"] else ""
+        cells[(v.kernel, v.arch, v.level, v.even)] = f"{r['regs']}{spill}"
+    cols = [(k, a, e) for k in ("multi", "single") for a in ARCHS for e in (True, False)]
+    head = ["level"] + [f"{k} sm_{a} {'even' if e else 'ragged'}" for k, a, e in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for level in LEVELS:
+        row = [str(level)] + [cells.get((k, a, level, e), "-") for k, a, e in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group()
@@ -507,7 +551,7 @@ def main(argv=None) -> int:
         f"{time.perf_counter() - start:.0f} s"
     )
     if args.table:
-        pathlib.Path(args.table).write_text(text + "\n")
+        pathlib.Path(args.table).write_text(text + "\n\n" + grid_table(results) + "\n")
     return 1 if errors else 0
 
 

@@ -149,10 +149,11 @@ def _block_tile(tile: int, level: int) -> int:
 
 # ----------------------------------------------------------------------------- the kernels
 def _prune_configs(configs, named_args, **kwargs):
-    """Ragged launches take the configs of at most 8 elements per thread (module docstring)."""
-    even = kwargs.get("EVEN", named_args.get("EVEN", True))
-    allowed = set(tuning.configs(bool(even)))
-    return [c for c in configs if (c.kwargs["TILE"], c.num_warps) in allowed] or configs[:1]
+    """Ragged launches take the configs of at most 8 elements per thread (module docstring).
+    Pure (no environment read): Dynamo traces it when Inductor compiles the ``triton_op``."""
+    even = bool(kwargs.get("EVEN", named_args.get("EVEN", True)))
+    kept = [c for c in configs if tuning.allowed((c.kwargs["TILE"], c.num_warps), even)]
+    return kept or configs[:1]
 
 
 @triton.autotune(
@@ -515,6 +516,7 @@ def foam_adam_step_(
     step_value, step_tensor = check_step(step, param.device, where)
     bc1 = sqrt_bc2 = 1.0
     if step_tensor is None:
+        _refuse_host_steps_in_capture(param.device, where)
         bc1, sqrt_bc2 = host_bias_corrections(step_value, hp.beta1, hp.beta2)
     numel = param.numel()
     if numel == 0:
@@ -577,6 +579,7 @@ _DEVICE_NAMES: dict = {}
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
+_DEVICE_INDEX = Tensor.get_device
 _CONTIG = Tensor.is_contiguous
 _PTR = Tensor.data_ptr
 
@@ -635,13 +638,20 @@ class _Plan:
 
 _STEP_META = operator.attrgetter("device", "dtype", "shape")
 _FLOAT32 = {torch.float32}
+_INT = {int}
+_ONE = {1}
 
 
 def _steps_key(steps) -> tuple:
-    types = tuple(map(type, steps))
-    if len(set(types)) == 1 and issubclass(types[0], Tensor):
-        return (types[0], *map(_STEP_META, steps))
-    return (types, *(_STEP_META(s) if isinstance(s, Tensor) else None for s in steps))
+    """What the checks read of the step counters: their kinds, devices, dtypes and sizes (a few
+    sets when they are all tensors alike, as an optimizer passes them)."""
+    types = set(map(type, steps))
+    if len(types) == 1 and issubclass(next(iter(types)), Tensor):
+        devices = set(map(_DEVICE, steps))
+        dtypes = set(map(_DTYPE, steps))
+        if len(devices) == 1 and len(dtypes) == 1 and set(map(Tensor.numel, steps)) == _ONE:
+            return (*types, *devices, *dtypes)
+    return (None, *(_STEP_META(s) if isinstance(s, Tensor) else type(s) for s in steps))
 
 
 def _call_key(params, grads, states: tuple, steps, levels, amsgrad: bool):
@@ -653,16 +663,19 @@ def _call_key(params, grads, states: tuple, steps, levels, amsgrad: bool):
     between steps."""
     try:
         tensors = (*params, *grads, *states)
-        devices = set(map(_DEVICE, tensors))
+        # Device indices (an int each, cheaper than a torch.device): with params[0]'s device in
+        # the key, one index for all means one device (CUDA tensors; -1 means CPU).
+        devices = set(map(_DEVICE_INDEX, tensors))
         if (
-            len(devices) != 1
+            set(map(type, levels)) != _INT  # a bool or a float level is refused by the checks
+            or len(devices) != 1
             or not all(map(_CONTIG, tensors))
             or set(map(_DTYPE, states)) != _FLOAT32
         ):
             return None
         return (
             amsgrad,
-            *devices,
+            params[0].device,
             *levels,
             *map(_DTYPE, params),
             *map(_DTYPE, grads),
@@ -860,6 +873,15 @@ def _tune_multi(group: _Group, hp: KernelHyper, bucket: int):
     return min(timings, key=timings.get), timings
 
 
+def _refuse_host_steps_in_capture(device: torch.device, where: str) -> None:
+    if plans.capturing(device):
+        raise RuntimeError(
+            f"{where}: a step counter read on the host (a number or a CPU tensor) would be "
+            "baked into the CUDA graph being captured, and every replay would reuse its bias "
+            "correction; keep the step counters on the device (FOAM(..., capturable=True))"
+        )
+
+
 def _host_step_values(plan: _Plan, steps) -> dict:
     """``{parameter index: step value}`` for the steps read on the host (CPU tensors, numbers)."""
     host = [steps[i] for i in plan.host_steps]
@@ -968,7 +990,10 @@ def foam_adam_grouped_(
     else:
         steps = [s.data_ptr() if isinstance(s, Tensor) else 0 for s in state_steps]
     flat = (*map(_PTR, params), *map(_PTR, grads), *map(_PTR, states), *steps, 0)
-    values = _host_step_values(plan, state_steps) if plan.host_steps else None
+    values = None
+    if plan.host_steps:
+        _refuse_host_steps_in_capture(plan.device, where)
+        values = _host_step_values(plan, state_steps)
     for group in plan.groups:
         if group.step_dtype is not None:
             _run_group(group, flat, hp, lr_value, lr_tensor, None)

@@ -112,68 +112,85 @@ class PointerSlots:
     """Device copies of a group's pointer table, one per address tuple seen (a few, LRU).
 
     ``get(addrs)`` returns the ``[T * 6]`` int64 device row holding ``addrs``. A hit does
-    nothing on the device. A miss writes a free (or the least recently used, never a captured)
-    slot: the addresses go into that slot's pinned host row, which is copied with
-    ``non_blocking=True``; an event recorded after the copy guards the host row against being
-    rewritten before the copy has read it.
+    nothing on the device. A miss writes a slot's pinned host row and copies it with
+    ``non_blocking=True``. Outside a capture the slot is a free one or the least recently used
+    one that no captured graph reads; an event recorded after the copy guards its host row
+    against being rewritten before the copy has read it (the host may run steps ahead of the
+    device). Inside a capture no event may be waited on or recorded, so a miss takes one of the
+    ``spare`` slots, which are never filled outside a capture (nothing can be pending on
+    them). Every slot a capture reads or writes is kept for the life of the process.
     """
 
-    def __init__(self, width: int, device: torch.device, n_slots: int = 4):
+    def __init__(self, width: int, device: torch.device, n_slots: int = 4, n_spare: int = 2):
         self.device = device
         self.width = width
-        pin = device.type == "cuda"
-        self.rows = [torch.empty(width, dtype=torch.int64, device=device) for _ in range(n_slots)]
-        self.host = [torch.zeros(width, dtype=torch.int64, pin_memory=pin) for _ in range(n_slots)]
-        self.host_np = [h.numpy() for h in self.host]  # written by numpy: no aten op per fill
-        self.addrs: list[tuple | None] = [None] * n_slots
-        self.aligned = [False] * n_slots
-        self.events: list = [None] * n_slots
+        self.rows: list[Tensor] = []
+        self.host: list[Tensor] = []
+        self.host_np: list = []  # numpy views of the host rows: no aten op per fill
+        self.addrs: list[tuple | None] = []
+        self.aligned: list[bool] = []
+        self.events: list = []
+        self.last_use: list[int] = []
+        for _ in range(n_slots + n_spare):
+            self._add_slot()
+        self.spare = list(range(n_slots, n_slots + n_spare))
         self.captured: set[int] = set()
         self.by_addrs: dict[tuple, int] = {}
-        self.last_use = [0] * n_slots
         self.clock = 0
         self.fills = 0  # host-to-device copies made (tests and benchmarks read it)
 
+    def _add_slot(self) -> int:
+        pin = self.device.type == "cuda"
+        self.rows.append(torch.empty(self.width, dtype=torch.int64, device=self.device))
+        self.host.append(torch.zeros(self.width, dtype=torch.int64, pin_memory=pin))
+        self.host_np.append(self.host[-1].numpy())
+        self.addrs.append(None)
+        self.aligned.append(False)
+        self.events.append(None)
+        self.last_use.append(0)
+        return len(self.rows) - 1
+
     def get(self, addrs: tuple) -> tuple[Tensor, bool]:
         """``(device row, every address 16-byte aligned)`` for this address tuple."""
+        in_capture = capturing(self.device)
         slot = self.by_addrs.get(addrs)
         if slot is None:
-            slot = self._fill(addrs)
+            slot = self._fill(addrs, in_capture)
         self.clock += 1
         self.last_use[slot] = self.clock
-        if capturing(self.device):
+        if in_capture:
             self.captured.add(slot)
         return self.rows[slot], self.aligned[slot]
 
-    def _victim(self) -> int:
-        free = [i for i, a in enumerate(self.addrs) if a is None]
+    def _victim(self, in_capture: bool) -> int:
+        if in_capture:
+            if not self.spare:
+                raise RuntimeError(
+                    "foam: more new tensor addresses inside CUDA-graph captures than spare "
+                    "pointer tables; run an eager step with the tensors a graph will read "
+                    "before capturing it"
+                )
+            return self.spare.pop(0)
+        usable = [i for i in range(len(self.rows)) if i not in self.spare]
+        free = [i for i in usable if self.addrs[i] is None]
         if free:
             return free[0]
-        reusable = [i for i in range(len(self.rows)) if i not in self.captured]
-        if not reusable:  # every slot is read by a captured graph: add one
-            self.rows.append(torch.empty(self.width, dtype=torch.int64, device=self.device))
-            self.host.append(
-                torch.zeros(self.width, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-            )
-            self.host_np.append(self.host[-1].numpy())
-            self.addrs.append(None)
-            self.aligned.append(False)
-            self.events.append(None)
-            self.last_use.append(0)
-            return len(self.rows) - 1
+        reusable = [i for i in usable if i not in self.captured]
+        if not reusable:  # every slot is read by a captured graph: add one (outside a capture)
+            return self._add_slot()
         return min(reusable, key=self.last_use.__getitem__)
 
-    def _fill(self, addrs: tuple) -> int:
-        slot = self._victim()
+    def _fill(self, addrs: tuple, in_capture: bool) -> int:
+        slot = self._victim(in_capture)
         old = self.addrs[slot]
         if old is not None:
             del self.by_addrs[old]
-        if self.events[slot] is not None:
+        if self.events[slot] is not None:  # never inside a capture: spare slots have no event
             self.events[slot].synchronize()  # the previous copy out of this host row is done
             self.events[slot] = None
         self.host_np[slot][:] = addrs
         self.rows[slot].copy_(self.host[slot], non_blocking=True)
-        if self.device.type == "cuda" and not capturing(self.device):
+        if self.device.type == "cuda" and not in_capture:
             self.events[slot] = torch.cuda.Event()
             self.events[slot].record()
         self.addrs[slot] = addrs

@@ -126,6 +126,8 @@ def test_a_cached_plan_still_rejects_changed_metadata(monkeypatch):
         step(params, grads, ms, [vs[0].double()], steps, levels)
     with pytest.raises(ValueError, match="level"):
         step(params, grads, ms, vs, steps, [11])
+    with pytest.raises(ValueError, match="level"):
+        step(params, grads, ms, vs, steps, [True])  # == 1, but a bool is not a level
 
 
 def _capturing(monkeypatch, on: bool):
@@ -144,31 +146,61 @@ def test_no_plan_is_built_during_a_capture(monkeypatch):
     step(*group)  # built outside: fine inside
 
 
+def test_host_steps_are_refused_inside_a_capture(monkeypatch):
+    """A host step's bias correction would be baked into the graph: refused, for both
+    launchers; device counters are fine."""
+    stub_launches(monkeypatch)
+    params, grads, ms, vs, steps, levels = make_group([((4, 32), 2)], device="cpu")
+    step(params, grads, ms, vs, [3.0], levels)
+    step(params, grads, ms, vs, steps, levels)
+    _capturing(monkeypatch, True)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        step(params, grads, ms, vs, [3.0], levels)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        foam_adam.foam_adam_step_(params[0], grads[0], ms[0], vs[0], lr=1e-3, step=3, level=2)
+    step(params, grads, ms, vs, steps, levels)
+
+
 def test_captured_pointer_slots_are_never_reused(monkeypatch):
-    """A slot written or read during a capture is pinned for the graph's life; new addresses
-    afterwards take other slots, and more slots are added when all are pinned."""
+    """A miss inside a capture takes a spare slot (nothing pending on it, no event to wait on);
+    every slot a capture reads is kept for the graph's life, and eager misses afterwards take
+    other slots, adding some when all are kept."""
     stub_launches(monkeypatch)
     params, grads, ms, vs, steps, levels = make_group([((4, 32), 2)], device="cpu")
     step(params, grads, ms, vs, steps, levels)
-    group = next(iter(foam_adam._PLANS.values())).groups[0]
+    slots = next(iter(foam_adam._PLANS.values())).groups[0].slots
+    eager_slot = slots.by_addrs[next(iter(slots.by_addrs))]
     _capturing(monkeypatch, True)
+    step(params, grads, ms, vs, steps, levels)  # a hit: its slot is now kept
     captured_grads = [torch.empty_like(grads[0])]
-    step(params, captured_grads, ms, vs, steps, levels)
+    step(params, captured_grads, ms, vs, steps, levels)  # a miss: a spare slot
+    spare_left = len(slots.spare)
     _capturing(monkeypatch, False)
-    pinned = set(group.slots.captured)
-    assert len(pinned) == 1
-    (slot,) = pinned
-    row = group.slots.rows[slot].clone()
+    assert eager_slot in slots.captured and len(slots.captured) == 2 and spare_left == 1
+    kept = {i: slots.rows[i].clone() for i in slots.captured}
     keep = []
-    for _ in range(2 * len(group.slots.rows)):  # churn: many new gradient addresses
+    for _ in range(2 * len(slots.rows)):  # churn: many new gradient addresses
         keep.append([torch.empty_like(grads[0])])
         step(params, keep[-1], ms, vs, steps, levels)
-    assert torch.equal(group.slots.rows[slot], row)
-    assert group.slots.by_addrs[group.slots.addrs[slot]] == slot
+    for i, row in kept.items():
+        assert torch.equal(slots.rows[i], row) and slots.by_addrs[slots.addrs[i]] == i
+    assert len(slots.spare) == 1  # eager misses never take a spare slot
+
+
+def test_spare_slots_run_out_with_a_clear_error(monkeypatch):
+    stub_launches(monkeypatch)
+    params, grads, ms, vs, steps, levels = make_group([((4, 32), 2)], device="cpu")
+    step(params, grads, ms, vs, steps, levels)
+    _capturing(monkeypatch, True)
+    keep = []
+    with pytest.raises(RuntimeError, match="run an eager step with the tensors"):
+        for _ in range(3):
+            keep.append([torch.empty_like(grads[0])])
+            step(params, keep[-1], ms, vs, steps, levels)
 
 
 def test_pointer_slots_grow_when_every_slot_is_captured():
-    slots = plans.PointerSlots(6, torch.device("cpu"), n_slots=2)
+    slots = plans.PointerSlots(6, torch.device("cpu"), n_slots=2, n_spare=0)
     slots.captured.update({0, 1})
     slots.addrs[:] = [(1,) * 6, (2,) * 6]
     slots.by_addrs.update({(1,) * 6: 0, (2,) * 6: 1})
