@@ -25,8 +25,7 @@ are cached on disk by a hash of the kernels' source files, the Triton version an
     python -m foam_compile.kernels.aot --all --workers 2 --table aot.md
     python -m foam_compile.kernels.aot --ci
 
-This module imports nothing from the rest of foam_compile; the kernels are imported only in the
-workers.
+This module imports nothing from the rest of foam_compile.
 """
 
 from __future__ import annotations
