@@ -159,6 +159,26 @@ def run_adamw(name, params, *, amsgrad, iters, warmup, copy_gbs, rows):
     )
 
 
+def run_llama(size, dtype, device, *, amsgrad, iters, warmup, copy_gbs, rows):
+    """The LLaMA shapes of ``step_bench.py`` (60m / 350m / 1b) under the paper's policy: level 2
+    on the block weights, level 0 on embedding, head and norms; against fused AdamW."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from step_bench import CONFIGS, LEVEL, llama_shapes
+
+    cfg = CONFIGS.get(size, dict(hidden=64, inter=171, layers=2, heads=4, vocab=256))  # "tiny"
+    shapes = llama_shapes(cfg)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = [(0.02 * torch.randn(s, generator=gen)).to(device, dtype) for s, _ in shapes]
+    levels = [LEVEL if block and len(s) >= 2 else 0 for s, block in shapes]
+    name = f"llama-{size} ({len(params)} params)"
+    kw = dict(amsgrad=amsgrad, iters=iters, warmup=warmup, copy_gbs=copy_gbs, rows=rows)
+    run_adamw(name, params, **kw)
+    run_case(name, params, levels, **kw)
+    adamw, foam = rows[-2], rows[-1]
+    print(f"{name} {dtype}: FOAM / AdamW(fused) = {foam[5] / adamw[5]:.3f}, {foam[8]:.0f}% copy")
+    del params
+
+
 def table(rows) -> str:
     head = ("case", "impl", "dtype", "level", "Mparams", "ms/step", "MB moved", "GB/s", "% copy BW")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -176,6 +196,12 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under the interpreter")
     parser.add_argument("--amsgrad", action="store_true")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument(
+        "--size",
+        nargs="+",
+        choices=("60m", "350m", "1b", "tiny"),
+        help="LLaMA shapes of step_bench.py instead of the default cases",
+    )
     args = parser.parse_args()
 
     if not SMOKE and not torch.cuda.is_available():
@@ -191,7 +217,19 @@ def main() -> int:
 
     copy_gbs = copy_bandwidth(device, (1 << 20) if SMOKE else (1 << 30), iters, warmup)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for size in args.size or ():
+        for dtype in (torch.float32, torch.bfloat16):
+            run_llama(
+                size,
+                dtype,
+                device,
+                amsgrad=args.amsgrad,
+                iters=iters,
+                warmup=warmup,
+                copy_gbs=copy_gbs,
+                rows=rows,
+            )
+    for dtype in (torch.float32, torch.bfloat16) if not args.size else ():
         w = torch.randn(big, device=device).to(dtype)
         run_adamw(
             f"{big[0]}x{big[1]}",

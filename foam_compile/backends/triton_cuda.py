@@ -13,7 +13,12 @@ are the truth):
   drop the step). Opaque, the op's ``mutates_args`` are what Inductor trusts; they name exactly the
   written lists.
 
-The backend steps a group through ``adam_step_grouped_``. Both ops also run where the kernel
+The backend steps a group through ``adam_step_grouped_``. Step counters are incremented once
+per step, by the one ``torch._foreach_add_`` in :func:`foam_compile.functional.foam_adam_`; the
+kernel reads device counters where they live (a column of its pointer table), so a capturable
+step (``capturable=True``, steps on the device) does no host read, no gather and no copy: it can
+be captured by ``torch.compile(mode="reduce-overhead")`` once an eager step has built the
+kernel's tables (cudagraph trees run eager warm-up steps first). Both ops also run where the kernel
 cannot (CPU without ``TRITON_INTERPRET=1``, float64, a level above the kernel's ``MAX_LEVEL``):
 there they run the one plain-torch update (:mod:`foam_compile.update`). ``lr``/``step`` are
 split into a number and an optional tensor (a tensor, when given, wins): op schemas have no
@@ -24,6 +29,7 @@ parameter is seen.
 # ruff: noqa: UP045 - the op signatures keep typing.Optional: torch.library's schema inference
 # reads these annotations at runtime, and Optional[Tensor] is the spelling every torch >= 2.11
 # understands.
+import operator
 from collections.abc import Sequence
 from typing import Optional
 
@@ -32,7 +38,6 @@ from torch import Tensor
 
 from ..hyper import Hyper
 from ..kernels.foam_adam import (
-    HYPER_NAMES,
     MAX_LEVEL,
     SUPPORTED_DTYPES,
     foam_adam_grouped_,
@@ -45,6 +50,7 @@ from ..update import foam_update_
 
 __all__ = ["adam_step_", "adam_step_grouped_", "kernel_supports", "step_", "supports"]
 
+_DTYPE = operator.attrgetter("dtype")
 _ONE_MUTATES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _GROUPED_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
@@ -73,14 +79,17 @@ def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> s
 
 def _hyper_kwargs(hp: Hyper) -> dict:
     """The ops' scalar arguments (``lr`` is split into a number and a tensor by the caller)."""
-    return {name: getattr(hp, name) for name in HYPER_NAMES}
-
-
-def _op_hyper(args: dict) -> dict:
-    """The launchers' keyword arguments from an op's own (its ``locals()`` on entry): ``lr`` as
-    the tensor when one is given, else the number, and every name of ``HYPER_NAMES``."""
-    lr = args["lr"] if args["lr_tensor"] is None else args["lr_tensor"]
-    return {"lr": lr, **{name: args[name] for name in HYPER_NAMES}}
+    return dict(
+        beta1=hp.beta1,
+        beta2=hp.beta2,
+        eps=hp.eps,
+        weight_decay=hp.weight_decay,
+        decoupled_weight_decay=hp.decoupled_weight_decay,
+        amsgrad=hp.amsgrad,
+        maximize=hp.maximize,
+        scale=hp.scale,
+        res_scale=hp.res_scale,
+    )
 
 
 def step_(
@@ -100,6 +109,26 @@ def step_(
         lr_tensor,
         **_hyper_kwargs(hp),
     )
+
+
+def _split_supported(params, grads, levels) -> tuple[list[int], list[int]]:
+    """``(indices the kernel takes, the others)``. One pass over each list's metadata decides the
+    common case (all taken) without a Python call per parameter: host time matters at a few
+    hundred parameters per step."""
+    dtypes = set(map(_DTYPE, params)) | set(map(_DTYPE, grads))
+    devices = {p.device.type for p in params}
+    if (
+        dtypes <= set(SUPPORTED_DTYPES)
+        and (devices == {"cuda"} or (devices == {"cpu"} and is_interpreting()))
+        and all(map(Tensor.is_contiguous, params))
+        and all(map(Tensor.is_contiguous, grads))
+        and all(isinstance(lv, int) and 0 <= lv <= MAX_LEVEL for lv in levels)
+    ):
+        return list(range(len(params))), []
+    fast, slow = [], []
+    for i, p in enumerate(params):
+        (fast if kernel_supports(p, grads[i], levels[i]) else slow).append(i)
+    return fast, slow
 
 
 def _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, level, lr, **hyper):
@@ -130,7 +159,20 @@ def _adam_step_impl(
     scale: float,
     res_scale: float,
 ) -> None:
-    kw = dict(_op_hyper(locals()), step=step if step_tensor is None else step_tensor, level=level)
+    kw = dict(
+        step=step if step_tensor is None else step_tensor,
+        lr=lr if lr_tensor is None else lr_tensor,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        level=level,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
+    )
     # The interpreter runs on real memory and cannot be traced: when torch.compile traces this op
     # on CPU, the plain-torch body is what it sees.
     if kernel_supports(param, grad, level) and not (is_interpreting() and is_tracing()):
@@ -139,14 +181,33 @@ def _adam_step_impl(
         _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
 
 
-def _mutates_only(*args, **kwargs) -> None:
-    """The ops' fake: they mutate in place and return nothing, so there is no output to describe
-    (the schemas come from the implementations' annotations, not from this)."""
+def _adam_step_fake(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    step,
+    step_tensor,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    level,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    scale,
+    res_scale,
+) -> None:
+    # Mutates in place, returns nothing: there is no output to describe.
     return None
 
 
 adam_step_ = torch.library.triton_op("foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES)
-adam_step_.register_fake(_mutates_only)
+adam_step_.register_fake(_adam_step_fake)
 
 
 # --------------------------------------------------------------------------- many tensors
@@ -170,10 +231,31 @@ def _adam_step_grouped_impl(
     scale: float,
     res_scale: float,
 ) -> None:
-    hp = _op_hyper(locals())
-    fast, slow = [], []
-    for i, p in enumerate(params):
-        (fast if kernel_supports(p, grads[i], levels[i]) else slow).append(i)
+    hp = dict(
+        lr=lr if lr_tensor is None else lr_tensor,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
+    )
+    fast, slow = _split_supported(params, grads, levels)
+    if len(fast) == len(params):  # the common case: the lists go to the kernel as they are
+        foam_adam_grouped_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else None,
+            state_steps,
+            levels,
+            **hp,
+        )
+        return
     if fast:
 
         def pick(seq):
@@ -202,7 +284,30 @@ def _adam_step_grouped_impl(
         )
 
 
+def _adam_step_grouped_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    levels,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    scale,
+    res_scale,
+) -> None:
+    return None
+
+
 adam_step_grouped_ = torch.library.custom_op(
     "foam::adam_step_grouped_", _adam_step_grouped_impl, mutates_args=_GROUPED_MUTATES
 )
-adam_step_grouped_.register_fake(_mutates_only)
+adam_step_grouped_.register_fake(_adam_step_grouped_fake)

@@ -5,13 +5,17 @@ rest of foam_compile.
   :func:`foam_adam_grouped_` (a list of parameters in a handful of launches);
 * :mod:`.cpu` (C++): :func:`~.cpu.foam_cpu_step_`, a list of CPU parameters in one call.
 
+Modules: ``tile`` (the device code: one tile, one span, the format hooks), ``foam_adam`` (the two
+kernels and the launchers), ``plans`` (shape-only tables, pointer slots), ``tuning`` (configs,
+size model, disk cache), ``checks`` (input validation), ``aot`` (ahead-of-time compile for
+sm_80/sm_90 on a CPU machine, registers and spills).
+
 The Triton names below load on first access (importing :mod:`.cpu` must not import Triton).
 """
 
 import importlib
 
 __all__ = [
-    "HYPER_NAMES",
     "MAX_LEVEL",
     "SUPPORTED_DTYPES",
     "foam_adam_grouped_",

@@ -5,53 +5,61 @@ level ``l`` (blocks of ``B = 2**l`` along the last dim, ``nb = ceil(n / B)`` per
 of ``p`` and ``grad`` is read once, every folded state element (``exp_avg``, ``exp_avg_sq`` and,
 with amsgrad, ``max_exp_avg_sq``; float32, shape ``[..., nb]``) is read and written once, and ``p``
 is written once. The block means, ``R``, ``M``, ``V`` and the denominator live in registers.
+The tile code is :mod:`.tile`: contiguous 1-D runs reshaped to ``[BB, B]``; even tensors are one
+flat row, ragged ones (``n % B != 0``) are walked row by row so that only each row's last tile,
+the one with the partial block, is masked.
 
-Tiling. A program owns ``TILE`` elements: ``BB = TILE >> l`` consecutive blocks of the flattened
-``rows * nb`` block index, seen as a ``[BB, B]`` tile, so the block means are a ``tl.sum`` over
-axis 1. When ``n % B == 0`` (``EVEN``, the common case) the tile is one contiguous run, loaded 1-D
-and reshaped, which keeps loads full-width even for ``B = 2`` or bfloat16; whole tiles carry no
-mask. Otherwise each row's partial last block is masked and divided by the number of elements it
-really has (ALGORITHM.md "Folding"; the reference code's zero-pad-and-divide-by-B is not copied).
-Level 0 is the flat case with ``B = 1``: ``R = 0``, ``M = m``, ``V = v``, torch.optim.AdamW's step.
+Index width. A tensor of 2**31 elements or more (``IDX64``, chosen from the element count) does
+every index product in int64, so ``block * B`` never wraps. Ragged tensors always do: their
+loads are scalar (a row of 5461 elements starts at any alignment), and int64 offsets let the
+compiler fold more of the per-element addresses (grouped kernel, 2048 x 8, sm_90: 86 against 112
+registers with int32 at level 1, 64 against 77 at level 5). Even tensors keep int32 below 2**31
+elements (no register difference, fewer integer instructions). Ragged launches hold at most 8
+elements per thread (:func:`.tuning.configs`): at 16, level 1 needed 194 registers against 118
+for the even launch.
 
 Bias correction is computed once per program, never per element. With ``step`` a Python number
 (or a CPU tensor next to CUDA parameters) the launcher computes ``1 - beta1**t`` and
-``sqrt(1 - beta2**t)`` in float64 on the host. With ``step`` a tensor on the parameters' device
-(capturable / CUDA graphs / torch.compile) each program computes them from the loaded step by
-exponentiation by squaring in float64, with each beta passed as a float32 hi + lo pair (Triton
-passes Python floats as float32): ``1 - beta2**t`` near ``t = 1`` cancels to ~1e-3, and float32
-``beta2`` alone would leave it a 1e-5 relative error. ``lr`` is a number or a 0-d tensor on the
-device, loaded once per program.
+``sqrt(1 - beta2**t)`` in float64 on the host. With ``step`` a float32 tensor on the parameters'
+device (capturable / CUDA graphs / torch.compile) each program computes them from the loaded
+step by exponentiation by squaring in float64, with each beta passed as a float32 hi + lo pair
+(Triton passes Python floats as float32): ``1 - beta2**t`` near ``t = 1`` cancels to ~1e-3, and
+float32 ``beta2`` alone would leave it a 1e-5 relative error. ``lr`` is a number or a 0-d tensor
+on the device, loaded once per program.
 
 Two kernels share the tile code:
 
 * ``_foam_adam_kernel`` - one tensor per launch, every tensor a real kernel argument. This is the
-  kernel behind the ``foam::adam_step_`` ``triton_op`` (ops.py): Inductor reads its TTIR to find
-  which arguments are stored to, so it must see the stores land on real arguments.
-* ``_foam_adam_multi_kernel`` - a whole group (same dtypes and level) in one launch. An int64 table
-  holds each tensor's ``data_ptr()``s; programs own fixed-size chunks of blocks (``chunk -> tensor,
-  first block``, like ``multi_tensor_apply``) and cast the loaded addresses with
-  ``tl.pointer_type``. Inductor cannot see stores made through such a table (its TTIR analysis
-  stops at loads), so this kernel is only ever run from the *opaque* ``foam::adam_step_grouped_``
-  custom op, whose ``mutates_args`` declare the mutations. The tables depend only on the tensors'
-  addresses and sizes, so they are cached by that content (a hit is always valid) and a steady
-  optimizer loop builds and copies nothing.
+  kernel behind the ``foam::adam_step_`` ``triton_op``: Inductor reads its TTIR to find which
+  arguments are stored to, so it must see the stores land on real arguments.
+* ``_foam_adam_multi_kernel`` - a whole group (same dtypes, level and evenness) in one launch.
+  The tables of :mod:`.plans` say which tensor and segment each program owns and where the
+  tensors are; the loaded addresses are cast with ``tl.pointer_type``. Inductor cannot see stores
+  made through such a table, so this kernel is only ever run from the *opaque*
+  ``foam::adam_step_grouped_`` custom op, whose ``mutates_args`` declare the mutations.
 
-Autotuning. The per-tensor kernel uses ``@triton.autotune`` over tile size, ``num_warps`` and
-``num_stages`` with ``restore_value`` on the four mutated arguments (benchmarking runs the kernel
-repeatedly; the autotuner snapshots and restores them, a transient full-size copy once per
-tuning key). The multi-tensor kernel cannot be restored that way (its writes go through the
-table), so :func:`_multi_config` times the same configs on a bounded scratch group of the same
-dtypes and level, once per ``(device, level, dtypes, amsgrad, size bucket)``, and never touches
-live state. ``FOAM_TRITON_AUTOTUNE=0`` (and, by default, ``TRITON_INTERPRET=1``) means one
-config and nothing timed, i.e. deterministic results; ``FOAM_TRITON_AUTOTUNE=force`` tunes even
-in the interpreter, with a wall-clock timer, so CPU tests can exercise the tuning paths.
+The grouped launcher's steady state. A call's *plan* (groups, shape-only tables, configs) is
+cached by the metadata of every tensor it is given (shapes, dtypes, devices, contiguity, levels,
+how steps are passed): a hit skips validation, since every check is a function of that metadata.
+Addresses are then read (one ``data_ptr`` per tensor) and looked up in the group's pointer slots.
+A steady loop therefore launches and does nothing else on the device: no allocation, no copy,
+no sync. Device step counters go into the pointer table (one column), so they are read by the
+kernel where they live, with no per-step gather.
+
+CUDA graphs. A plan is built, and its configs tuned, on the first (eager) call; building one
+while a graph is being captured raises a clear error (``torch.compile(mode="reduce-overhead")``
+runs eager warm-up steps first). Inside a capture a new address tuple is still legal (a
+pinned, non-blocking copy) and the slot it lands in is kept for the graph's lifetime.
+
+Autotuning (:mod:`.tuning`). The per-tensor kernel uses ``@triton.autotune`` with
+``restore_value`` on the four mutated arguments and Triton's on-disk result cache. The
+multi-tensor kernel cannot be restored that way, so it is timed on a scratch group sized by the
+size model of :mod:`.tuning`, once per key, and the choice is kept on disk.
+``FOAM_TRITON_AUTOTUNE=0`` (and, by default, ``TRITON_INTERPRET=1``) means one config and
+nothing timed.
 
 The interpreter casts float32 -> bfloat16 by truncation where GPUs round to nearest even; under
 the interpreter the kernel rounds bfloat16 parameters by hand so CPU tests see GPU numerics.
-
-Tables, caches and CUDA graphs: build the tables (one eager step) before capturing a graph; a
-step tensor on the device keeps the captured step free of host reads.
 
 This module imports nothing from the rest of foam_compile. ``TRITON_INTERPRET`` is read by Triton
 when the kernels are decorated, i.e. when this module is first imported.
@@ -59,11 +67,10 @@ when the kernels are decorated, i.e. when this module is first imported.
 
 from __future__ import annotations
 
-import math
-import os
-import struct
+import functools
+import itertools
+import operator
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -72,8 +79,19 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from . import plans, tuning
+from .checks import (
+    MAX_LEVEL,
+    SUPPORTED_DTYPES,
+    KernelHyper,
+    check_lr,
+    check_step,
+    check_tensors,
+    host_bias_corrections,
+)
+from .tile import PARAM_PLAIN, STATE_FP32, foam_span, step_scalars
+
 __all__ = [
-    "HYPER_NAMES",
     "MAX_LEVEL",
     "SUPPORTED_DTYPES",
     "foam_adam_grouped_",
@@ -82,43 +100,21 @@ __all__ = [
     "is_tracing",
 ]
 
-# A tile holds at least one whole block; past B = 1024 a block no longer fits the register budget
-# of one program comfortably. ALGORITHM.md's levels in use are 0..8.
-MAX_LEVEL = 10
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The launchers' hyperparameter arguments after ``lr`` (and the torch ops', by the same names).
-HYPER_NAMES = (
-    "beta1",
-    "beta2",
-    "eps",
-    "weight_decay",
-    "decoupled_weight_decay",
-    "amsgrad",
-    "maximize",
-    "scale",
-    "res_scale",
-)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-# Weight-decay modes (a constexpr, so the unused branch is compiled out).
-_WD_NONE, _WD_DECOUPLED, _WD_COUPLED = 0, 1, 2
-
-
-def is_interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    # step counters only (torch.optim keeps float32; float64 under a float64 default dtype)
+    torch.float64: tl.float64,
+    torch.int64: tl.int64,
+    torch.int32: tl.int32,
+}
+is_interpreting = tuning.is_interpreting
 
 
 def _bf16_rtne(dtype: torch.dtype) -> bool:
     # The interpreter's float32 -> bfloat16 cast truncates; the kernel rounds by hand there.
     return dtype == torch.bfloat16 and is_interpreting()
-
-
-def _autotune_enabled() -> bool:
-    # FOAM_TRITON_AUTOTUNE: "0" = one config; "force" = tune even in the interpreter (CPU timer,
-    # used by the tests to exercise the tuning paths); default = tune on GPUs only.
-    mode = os.environ.get("FOAM_TRITON_AUTOTUNE", "1")
-    return mode == "force" or (mode != "0" and not is_interpreting())
 
 
 def _cpu_do_bench(fn, quantiles=None, reps: int = 3, **_):
@@ -138,320 +134,33 @@ def _do_bench(fn):
     return triton.testing.do_bench(fn, warmup=5, rep=25)
 
 
-def _configs() -> list[triton.Config]:
-    # One config when interpreting or asked not to tune: no timer needed, deterministic.
-    if not _autotune_enabled():
-        return [triton.Config({"TILE": 1024}, num_warps=4, num_stages=1)]
-    # A memory-bound streaming kernel: the tile size (bytes in flight per program) and the warps
-    # that issue them matter; stages only matter for the multi-tensor kernel's chunk loop.
-    return [
-        triton.Config({"TILE": tile}, num_warps=warps, num_stages=stages)
-        for tile, warps, stages in (
-            (1024, 4, 1),
-            (2048, 4, 1),
-            (2048, 8, 1),
-            (4096, 8, 1),
-            (2048, 4, 3),
-            (4096, 8, 3),
-        )
-    ]
+_CONFIGS = [
+    triton.Config({"TILE": tile}, num_warps=warps, num_stages=tuning.NUM_STAGES)
+    for tile, warps in tuning.configs()
+]
 
 
-_CONFIGS = _configs()
-# A multi-tensor program walks one chunk of this many elements (a multiple of every TILE).
-_CHUNK_ELEMS = 4 * max(c.kwargs["TILE"] for c in _CONFIGS)
+def _block_tile(tile: int, level: int) -> int:
+    """Blocks per tile: ``TILE`` elements, but never less than one whole block."""
+    return max(1, tile >> level)
 
 
-# ----------------------------------------------------------------------------- device code
-@triton.jit
-def _bias_corrections(step, b1_hi, b1_lo, b2_hi, b2_lo):
-    """``(1 - beta1**t, sqrt(1 - beta2**t))`` in float32, computed in float64 from a step value.
-
-    Exponentiation by squaring (t is a whole number): multiplications only, no float64 exp/log.
-    """
-    t = tl.cast(step, tl.int64)
-    b1 = tl.cast(b1_hi, tl.float64) + tl.cast(b1_lo, tl.float64)
-    b2 = tl.cast(b2_hi, tl.float64) + tl.cast(b2_lo, tl.float64)
-    p1 = tl.full((), 1.0, tl.float64)
-    p2 = tl.full((), 1.0, tl.float64)
-    while t > 0:
-        odd = (t & 1) == 1
-        p1 = tl.where(odd, p1 * b1, p1)
-        p2 = tl.where(odd, p2 * b2, p2)
-        b1 = b1 * b1
-        b2 = b2 * b2
-        t = t >> 1
-    bc1 = (1.0 - p1).to(tl.float32)
-    sqrt_bc2 = tl.sqrt_rn((1.0 - p2).to(tl.float32))
-    return bc1, sqrt_bc2
-
-
-@triton.jit
-def _foam_tile(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    v_ptr,
-    vmax_ptr,
-    blk0,
-    n_blocks,
-    n,
-    nb,
-    decay,
-    step_size,
-    sqrt_bc2,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    rho,
-    LEVEL: tl.constexpr,
-    BB: tl.constexpr,
-    EVEN: tl.constexpr,
-    MASKED: tl.constexpr,
-    WD_MODE: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
-):
-    """FOAM on blocks ``blk0 .. blk0 + BB`` of one tensor (rows x n, state rows x nb).
-
-    ``EVEN``: ``n % B == 0``, so the tile is ``BB * B`` contiguous elements; it is loaded as one
-    1-D run and reshaped to ``[BB, B]`` (full-width vector loads even for B = 2 or bfloat16).
-    Otherwise a ``[BB, B]`` tile is gathered row by row with the partial last block masked.
-    ``MASKED``: the tile may run past ``n_blocks``; whole tiles go unmasked.
-    """
-    B: tl.constexpr = 1 << LEVEL
-    blk = blk0 + tl.arange(0, BB)
-    if MASKED:
-        bmask = blk < n_blocks
-    else:
-        bmask = tl.full((BB,), 1, tl.int1)
-    if EVEN:
-        # Level 0 included (B = 1): the tile is the flat run of BB elements.
-        offs = blk0 * B + tl.arange(0, BB * B)
-        if MASKED:
-            emask = offs < n_blocks * B
-        else:
-            emask = tl.full((BB * B,), 1, tl.int1)
-    else:
-        row = blk // nb
-        col0 = (blk - row * nb) * B
-        # Elements that exist in each block: B, less for a row's partial last block.
-        cnt = tl.where(bmask, tl.minimum(n - col0, B), 1)
-        e = tl.arange(0, B)
-        offs = (row * n + col0)[:, None] + e[None, :]
-        emask = bmask[:, None] & (e[None, :] < cnt[:, None])
-
-    g = tl.load(g_ptr + offs, mask=emask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=emask, other=0.0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    if WD_MODE == 1:  # AdamW: decoupled decay first
-        p = p * decay
-    if WD_MODE == 2:  # Adam: L2 folded into the gradient (after maximize, as torch.optim.Adam)
-        g = g + weight_decay * p
-    if LEVEL > 0 and EVEN:
-        g = tl.reshape(g, (BB, B))
-        p = tl.reshape(p, (BB, B))
-
-    if LEVEL == 0:
-        gb = g
-        qb = g * g
-    elif EVEN:
-        gb = tl.sum(g, axis=1) * (1.0 / B)  # exact: B is a power of two
-        qb = tl.sum(g * g, axis=1) * (1.0 / B)
-    else:
-        cnt_f = cnt.to(tl.float32)
-        # Masked lanes load 0, so the sums run over the elements that exist.
-        gb = tl.div_rn(tl.sum(g, axis=1), cnt_f)
-        qb = tl.div_rn(tl.sum(g * g, axis=1), cnt_f)
-
-    m = tl.load(m_ptr + blk, mask=bmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + blk, mask=bmask, other=0.0).to(tl.float32)
-    m = beta1 * m + one_minus_beta1 * gb
-    v = beta2 * v + one_minus_beta2 * qb
-    tl.store(m_ptr + blk, m, mask=bmask)
-    tl.store(v_ptr + blk, v, mask=bmask)
-    if AMSGRAD:
-        v_use = tl.maximum(tl.load(vmax_ptr + blk, mask=bmask, other=0.0).to(tl.float32), v)
-        tl.store(vmax_ptr + blk, v_use, mask=bmask)
-    else:
-        v_use = v
-
-    if LEVEL == 0:  # R = 0: M = m, V = v, torch.optim.AdamW's step
-        big_m = m
-        big_v = v_use
-    else:
-        r = g - gb[:, None]  # the residual, never stored
-        big_m = m[:, None] + rho * r
-        big_v = v_use[:, None] + (rho * rho) * (r * r)
-    denom = tl.div_rn(tl.sqrt_rn(big_v), sqrt_bc2) + eps
-    p = p - step_size * tl.div_rn(big_m, denom)
-    if LEVEL > 0 and EVEN:
-        p = tl.reshape(p, (BB * B,))
-    if BF16_RTNE:
-        # Round to nearest even by hand: Triton's interpreter truncates float32 -> bfloat16
-        # (GPUs round), which would bias every CPU-tested step toward zero.
-        bits = p.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = p.to(p_ptr.dtype.element_ty)
-    tl.store(p_ptr + offs, out, mask=emask)
-
-
-@triton.jit
-def _step_scalars(
-    lr_ptr,
-    step_ptr,
-    lr,
-    bc1,
-    sqrt_bc2,
-    b1_hi,
-    b1_lo,
-    b2_hi,
-    b2_lo,
-    weight_decay,
-    scale,
-    LR_FROM_PTR: tl.constexpr,
-    STEP_FROM_PTR: tl.constexpr,
-):
-    """Per-program scalars: ``(decay, step_size, sqrt_bc2)``; ``lr``/``step`` may live on device."""
-    if LR_FROM_PTR:
-        lr = tl.load(lr_ptr).to(tl.float32)
-    if STEP_FROM_PTR:
-        bc1, sqrt_bc2 = _bias_corrections(tl.load(step_ptr), b1_hi, b1_lo, b2_hi, b2_lo)
-    decay = 1.0 - lr * weight_decay
-    step_size = lr * scale / bc1
-    return decay, step_size, sqrt_bc2
-
-
-@triton.jit
-def _foam_blocks(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    v_ptr,
-    vmax_ptr,
-    lr_ptr,
-    step_ptr,
-    blk_start,
-    blk_stop,
-    n_blocks,
-    n,
-    nb,
-    lr,
-    bc1,
-    sqrt_bc2,
-    b1_hi,
-    b1_lo,
-    b2_hi,
-    b2_lo,
-    one_minus_beta1,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    scale,
-    rho,
-    LEVEL: tl.constexpr,
-    BB: tl.constexpr,
-    EVEN: tl.constexpr,
-    WD_MODE: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    LR_FROM_PTR: tl.constexpr,
-    STEP_FROM_PTR: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
-):
-    """One program's blocks ``blk_start .. blk_stop`` of one tensor, in tiles of ``BB`` blocks:
-    whole tiles unmasked, the one that runs past ``n_blocks`` masked. ``blk_start`` is a multiple
-    of ``BB`` (both kernels' programs)."""
-    decay, step_size, sqrt_bc2 = _step_scalars(
-        lr_ptr,
-        step_ptr,
-        lr,
-        bc1,
-        sqrt_bc2,
-        b1_hi,
-        b1_lo,
-        b2_hi,
-        b2_lo,
-        weight_decay,
-        scale,
-        LR_FROM_PTR,
-        STEP_FROM_PTR,
-    )
-    for blk0 in range(blk_start, blk_stop, BB):
-        if blk0 + BB <= n_blocks:  # a whole tile: no block mask
-            _foam_tile(
-                p_ptr,
-                g_ptr,
-                m_ptr,
-                v_ptr,
-                vmax_ptr,
-                tl.multiple_of(blk0, BB),
-                n_blocks,
-                n,
-                nb,
-                decay,
-                step_size,
-                sqrt_bc2,
-                b1_hi,
-                one_minus_beta1,
-                b2_hi,
-                one_minus_beta2,
-                eps,
-                weight_decay,
-                rho,
-                LEVEL,
-                BB,
-                EVEN,
-                False,
-                WD_MODE,
-                AMSGRAD,
-                MAXIMIZE,
-                BF16_RTNE,
-            )
-        else:  # the tensor's ragged end
-            _foam_tile(
-                p_ptr,
-                g_ptr,
-                m_ptr,
-                v_ptr,
-                vmax_ptr,
-                blk0,
-                n_blocks,
-                n,
-                nb,
-                decay,
-                step_size,
-                sqrt_bc2,
-                b1_hi,
-                one_minus_beta1,
-                b2_hi,
-                one_minus_beta2,
-                eps,
-                weight_decay,
-                rho,
-                LEVEL,
-                BB,
-                EVEN,
-                True,
-                WD_MODE,
-                AMSGRAD,
-                MAXIMIZE,
-                BF16_RTNE,
-            )
+# ----------------------------------------------------------------------------- the kernels
+def _prune_configs(configs, named_args, **kwargs):
+    """Ragged launches take the configs of at most 8 elements per thread (module docstring).
+    Pure (no environment read): Dynamo traces it when Inductor compiles the ``triton_op``."""
+    even = bool(kwargs.get("EVEN", named_args.get("EVEN", True)))
+    kept = [c for c in configs if tuning.allowed((c.kwargs["TILE"], c.num_warps), even)]
+    return kept or configs[:1]
 
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["LEVEL", "SIZE_BUCKET", "AMSGRAD"],  # tensor dtypes are added to the key by Triton
+    prune_configs_by={"early_config_prune": _prune_configs},
+    key=["LEVEL", "EVEN", "STATE_FMT", "SIZE_BUCKET"],  # Triton adds the tensors' dtypes
     restore_value=["p_ptr", "m_ptr", "v_ptr", "vmax_ptr"],
     do_bench=_cpu_do_bench if is_interpreting() else None,  # None: Triton's GPU timer
+    cache_results=True,  # on disk, next to Triton's kernel cache (never in the interpreter)
 )
 @triton.jit
 def _foam_adam_kernel(
@@ -462,7 +171,6 @@ def _foam_adam_kernel(
     vmax_ptr,
     lr_ptr,
     step_ptr,
-    n_blocks,
     n,
     nb,
     lr,
@@ -478,7 +186,7 @@ def _foam_adam_kernel(
     weight_decay,
     scale,
     rho,
-    SIZE_BUCKET,  # autotune key only: log2 of the element count
+    SIZE_BUCKET,  # autotune key only: log2 of the (saturated) element count
     LEVEL: tl.constexpr,
     EVEN: tl.constexpr,
     WD_MODE: tl.constexpr,
@@ -486,29 +194,23 @@ def _foam_adam_kernel(
     MAXIMIZE: tl.constexpr,
     LR_FROM_PTR: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
-    BIG: tl.constexpr,
+    IDX64: tl.constexpr,
+    PARAM_FMT: tl.constexpr,
+    STATE_FMT: tl.constexpr,
     BF16_RTNE: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    # TILE elements per program, but never less than one whole block.
-    BB: tl.constexpr = (TILE + (1 << LEVEL) - 1) >> LEVEL
+    """One tile per program. Even: one flat row of ``n`` elements, ``nb`` blocks. Ragged: rows of
+    ``n`` elements and ``nb`` blocks, ``ceil(nb / BB)`` programs a row."""
+    BB: tl.constexpr = (TILE >> LEVEL) if (TILE >> LEVEL) > 0 else 1
     pid = tl.program_id(0)
-    if BIG:  # more than 2**31 elements: 64-bit offsets
+    if IDX64 or not EVEN:  # int64 index arithmetic (module docstring, "Index width")
         pid = pid.to(tl.int64)
-    blk0 = pid * BB
-    _foam_blocks(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        v_ptr,
-        vmax_ptr,
+        n = n.to(tl.int64)
+        nb = nb.to(tl.int64)
+    decay, step_size, sqrt_bc2 = step_scalars(
         lr_ptr,
         step_ptr,
-        blk0,
-        blk0 + BB,
-        n_blocks,
-        n,
-        nb,
         lr,
         bc1,
         sqrt_bc2,
@@ -516,11 +218,38 @@ def _foam_adam_kernel(
         b1_lo,
         b2_hi,
         b2_lo,
+        weight_decay,
+        scale,
+        LR_FROM_PTR,
+        STEP_FROM_PTR,
+    )
+    if EVEN:
+        row = 0
+        b0 = pid * BB
+    else:
+        tiles_per_row = (nb + BB - 1) // BB
+        row = pid // tiles_per_row
+        b0 = (pid - row * tiles_per_row) * BB
+    foam_span(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        vmax_ptr,
+        row * n,
+        row * nb,
+        b0,
+        tl.minimum(b0 + BB, nb),
+        n,
+        decay,
+        step_size,
+        sqrt_bc2,
+        b1_hi,
         one_minus_beta1,
+        b2_hi,
         one_minus_beta2,
         eps,
         weight_decay,
-        scale,
         rho,
         LEVEL,
         BB,
@@ -528,8 +257,8 @@ def _foam_adam_kernel(
         WD_MODE,
         AMSGRAD,
         MAXIMIZE,
-        LR_FROM_PTR,
-        STEP_FROM_PTR,
+        PARAM_FMT,
+        STATE_FMT,
         BF16_RTNE,
     )
 
@@ -540,7 +269,6 @@ def _foam_adam_multi_kernel(
     meta_table,
     chunk_table,
     lr_ptr,
-    step_ptr,
     lr,
     bc1,
     sqrt_bc2,
@@ -563,24 +291,26 @@ def _foam_adam_multi_kernel(
     MAXIMIZE: tl.constexpr,
     LR_FROM_PTR: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
+    STEP_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    IDX64: tl.constexpr,
+    PARAM_FMT: tl.constexpr,
+    STATE_FMT: tl.constexpr,
     BF16_RTNE: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    BB: tl.constexpr = (TILE + (1 << LEVEL) - 1) >> LEVEL
+    """One segment (``CHUNK_BLOCKS`` blocks of one row) per program; tables from :mod:`.plans`."""
+    BB: tl.constexpr = (TILE >> LEVEL) if (TILE >> LEVEL) > 0 else 1
     pid = tl.program_id(0)
     t = tl.load(chunk_table + 2 * pid)  # which tensor
-    # Its first block in this chunk: a multiple of CHUNK_BLOCKS by construction.
-    blk_start = tl.multiple_of(tl.load(chunk_table + 2 * pid + 1), CHUNK_BLOCKS)
-    p_ptr = tl.load(ptr_table + 5 * t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(ptr_table + 5 * t + 1).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(ptr_table + 5 * t + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ptr_table + 5 * t + 3).to(tl.pointer_type(tl.float32))
-    vmax_ptr = tl.load(ptr_table + 5 * t + 4).to(tl.pointer_type(tl.float32))
-    n = tl.load(meta_table + 3 * t)
-    nb = tl.load(meta_table + 3 * t + 1)
-    n_blocks = tl.load(meta_table + 3 * t + 2)
+    segment = tl.load(chunk_table + 2 * pid + 1)
+    row_ptrs = ptr_table + 6 * t
+    p_ptr = tl.load(row_ptrs).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row_ptrs + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(row_ptrs + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row_ptrs + 3).to(tl.pointer_type(tl.float32))
+    vmax_ptr = tl.load(row_ptrs + 4).to(tl.pointer_type(tl.float32))
     if ALIGNED:
         # The launcher checked that every address is 16-byte aligned. Addresses loaded from
         # memory carry no alignment facts; stating them lets the compiler vectorise.
@@ -589,21 +319,18 @@ def _foam_adam_multi_kernel(
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
         vmax_ptr = tl.multiple_of(vmax_ptr, 16)
-    if STEP_FROM_PTR:
-        step_ptr = step_ptr + t  # one step per tensor
-    _foam_blocks(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        v_ptr,
-        vmax_ptr,
+    step_ptr = lr_ptr  # unused unless STEP_FROM_PTR
+    if STEP_FROM_PTR:  # this tensor's own step counter, read where it lives
+        step_ptr = tl.load(row_ptrs + 5).to(tl.pointer_type(STEP_DTYPE))
+    n = tl.load(meta_table + 4 * t)
+    nb = tl.load(meta_table + 4 * t + 1)
+    if IDX64 or not EVEN:  # int64 index arithmetic (module docstring, "Index width")
+        n = n.to(tl.int64)
+        nb = nb.to(tl.int64)
+        segment = segment.to(tl.int64)
+    decay, step_size, sqrt_bc2 = step_scalars(
         lr_ptr,
         step_ptr,
-        blk_start,
-        tl.minimum(blk_start + CHUNK_BLOCKS, n_blocks),
-        n_blocks,
-        n,
-        nb,
         lr,
         bc1,
         sqrt_bc2,
@@ -611,11 +338,38 @@ def _foam_adam_multi_kernel(
         b1_lo,
         b2_hi,
         b2_lo,
+        weight_decay,
+        scale,
+        LR_FROM_PTR,
+        STEP_FROM_PTR,
+    )
+    if EVEN:  # one flat row: the segment's first block is a multiple of CHUNK_BLOCKS
+        row = 0
+        b0 = segment * CHUNK_BLOCKS
+    else:
+        per_row = tl.load(meta_table + 4 * t + 3)
+        row = segment // per_row
+        b0 = (segment - row * per_row) * CHUNK_BLOCKS
+    foam_span(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        vmax_ptr,
+        row * n,
+        row * nb,
+        b0,
+        tl.minimum(b0 + CHUNK_BLOCKS, nb),
+        n,
+        decay,
+        step_size,
+        sqrt_bc2,
+        b1_hi,
         one_minus_beta1,
+        b2_hi,
         one_minus_beta2,
         eps,
         weight_decay,
-        scale,
         rho,
         LEVEL,
         BB,
@@ -623,177 +377,91 @@ def _foam_adam_multi_kernel(
         WD_MODE,
         AMSGRAD,
         MAXIMIZE,
-        LR_FROM_PTR,
-        STEP_FROM_PTR,
+        PARAM_FMT,
+        STATE_FMT,
         BF16_RTNE,
     )
 
 
-# ------------------------------------------------------------------------------- host side
-def _run_level(shape: Sequence[int], level: int) -> int:
-    """ALGORITHM.md: 0-d and 1-d parameters never fold (they run at level 0)."""
-    return level if len(shape) >= 2 else 0
+# --------------------------------------------------------------------------- launch choices
+def single_constexprs(level: int, even: bool, hp: KernelHyper, *, lr_ptr, step_ptr, idx64, bf16):
+    """The constexprs ``foam_adam_step_`` passes (the AOT check enumerates the same function)."""
+    return dict(
+        LEVEL=level,
+        EVEN=even,
+        WD_MODE=hp.wd_mode,
+        AMSGRAD=hp.amsgrad,
+        MAXIMIZE=hp.maximize,
+        LR_FROM_PTR=lr_ptr,
+        STEP_FROM_PTR=step_ptr,
+        IDX64=idx64,
+        PARAM_FMT=PARAM_PLAIN,
+        STATE_FMT=STATE_FP32,
+        BF16_RTNE=bf16,
+    )
 
 
-def _state_shape(shape: Sequence[int], level: int) -> tuple[int, ...]:
-    """The folded state's shape ``[..., ceil(n / 2**level)]`` at the level ``shape`` runs at."""
-    shape = tuple(shape)
-    level = _run_level(shape, level)
-    if level == 0:
-        return shape
-    return (*shape[:-1], -(-shape[-1] // (1 << level)))
+def multi_constexprs(
+    p_dtype, g_dtype, level: int, even: bool, hp, *, lr_ptr, step_dtype, aligned, idx64, bf16, tile
+):
+    """The constexprs ``foam_adam_grouped_`` passes (the AOT check enumerates the same function)."""
+    return dict(
+        P_DTYPE=_TL_DTYPE[p_dtype],
+        G_DTYPE=_TL_DTYPE[g_dtype],
+        LEVEL=level,
+        EVEN=even,
+        WD_MODE=hp.wd_mode,
+        AMSGRAD=hp.amsgrad,
+        MAXIMIZE=hp.maximize,
+        LR_FROM_PTR=lr_ptr,
+        STEP_FROM_PTR=step_dtype is not None,  # steps read from the pointer table
+        STEP_DTYPE=_TL_DTYPE.get(step_dtype, tl.float32),
+        ALIGNED=aligned,
+        IDX64=idx64,
+        PARAM_FMT=PARAM_PLAIN,
+        STATE_FMT=STATE_FP32,
+        BF16_RTNE=bf16,
+        CHUNK_BLOCKS=plans.chunk_blocks(level),
+        TILE=tile,
+    )
 
 
-def _split_f32(x: float) -> tuple[float, float]:
-    """``x`` as float32 hi + lo, so a kernel can rebuild it in float64 from float32 arguments."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, x - hi
+# ------------------------------------------------------------------------------ one tensor
+@functools.lru_cache(maxsize=64, typed=True)
+def _hyper(beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, scale, rho):
+    return KernelHyper(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=rho,
+        where="FOAM kernel",
+    )
 
 
-class _Hyper:
-    """Checked hyperparameters and the scalar kernel arguments derived from them once."""
-
-    def __init__(self, args: dict, where: str):
-        """``args``: a launcher's arguments (its ``locals()`` on entry), read by name."""
-        for name in ("beta1", "beta2", "eps", "weight_decay", "scale", "res_scale"):
-            value = args[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}: {name} must be a Python number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{where}: {name} must be finite, got {value!r}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= args[name] < 1.0:
-                raise ValueError(f"{where}: {name}={args[name]!r} must be in [0, 1)")
-        self.beta1, self.beta2 = float(args["beta1"]), float(args["beta2"])
-        self.b1_hi, self.b1_lo = _split_f32(self.beta1)
-        self.b2_hi, self.b2_lo = _split_f32(self.beta2)
-        self.eps, self.weight_decay = float(args["eps"]), float(args["weight_decay"])
-        self.scale, self.rho = float(args["scale"]), float(args["res_scale"])
-        self.amsgrad, self.maximize = bool(args["amsgrad"]), bool(args["maximize"])
-        if args["weight_decay"] == 0:
-            self.wd_mode = _WD_NONE
-        else:
-            self.wd_mode = _WD_DECOUPLED if args["decoupled_weight_decay"] else _WD_COUPLED
-
-    def scalars(self, level: int, lr: float, bc1: float, sqrt_bc2: float) -> dict:
-        return dict(
-            lr=lr,
-            bc1=bc1,
-            sqrt_bc2=sqrt_bc2,
-            b1_hi=self.b1_hi,
-            b1_lo=self.b1_lo,
-            b2_hi=self.b2_hi,
-            b2_lo=self.b2_lo,
-            one_minus_beta1=1.0 - self.beta1,
-            one_minus_beta2=1.0 - self.beta2,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            # alpha scales folded parameters only: level 0 is AdamW exactly (ALGORITHM.md).
-            scale=self.scale if level > 0 else 1.0,
-            rho=self.rho,
-        )
+def _checked_hyper(where, **kw) -> KernelHyper:
+    """The checked hyperparameters; cached, since a training loop passes the same ones."""
+    try:
+        return _hyper(**kw)
+    except TypeError:  # unhashable: let the checks below name the argument
+        pass
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("FOAM kernel", where)) from None
+    kw["res_scale"] = kw.pop("rho")
+    return KernelHyper(**kw, where=where)
 
 
-def _host_bias_corrections(t: float, beta1: float, beta2: float) -> tuple[float, float]:
-    if not (t >= 1 and float(t).is_integer()):
-        raise ValueError(f"step must be the new step count, a whole number >= 1; got {t!r}")
-    return 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
+def _saturation(device: torch.device) -> int:
+    return _SATURATION.get(device) or _SATURATION.setdefault(
+        device, tuning.saturation_elems(device)
+    )
 
 
-def _check_lr(lr, device: torch.device, where: str):
-    """Return ``(lr_value, lr_tensor_or_None)``; a device tensor is read by the kernel."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where}: lr as a tensor must have one element, got {list(lr.shape)}")
-        if lr.device == device:
-            return 0.0, lr
-        if lr.device.type == "cpu":
-            return float(lr), None
-        raise ValueError(f"{where}: lr is on {lr.device}, the parameters on {device}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-        raise ValueError(f"{where}: lr must be a finite number or a 1-element tensor, got {lr!r}")
-    return float(lr), None
-
-
-def _check_step(step, device: torch.device, where: str):
-    """Return ``(step_value_or_None, step_tensor_or_None)``."""
-    if isinstance(step, Tensor):
-        if step.numel() != 1:
-            raise ValueError(
-                f"{where}: step as a tensor must have one element, got {list(step.shape)}"
-            )
-        if step.device == device:
-            return None, step
-        if step.device.type == "cpu":
-            return float(step), None
-        raise ValueError(f"{where}: step is on {step.device}, the parameters on {device}")
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
-        raise ValueError(f"{where}: step must be a number or a 1-element tensor, got {step!r}")
-    return float(step), None
-
-
-def _check_level(level, where: str) -> int:
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_LEVEL:
-        raise ValueError(f"{where}: level={level!r} must be an int in [0, {MAX_LEVEL}]")
-    return level
-
-
-def _check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad, where) -> int:
-    """Validate one parameter's tensors; return the level it runs at."""
-    if not isinstance(p, Tensor):
-        raise ValueError(f"{where}: param must be a tensor, got {type(p).__name__}")
-    if p.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"{where}: param dtype {p.dtype} is not supported; use one of "
-            f"{[str(d) for d in SUPPORTED_DTYPES]}"
-        )
-    if not isinstance(grad, Tensor) or grad.shape != p.shape:
-        got = list(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
-        raise ValueError(
-            f"{where}: grad must be a tensor of the param's shape {list(p.shape)}, got {got}"
-        )
-    if grad.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"{where}: grad dtype {grad.dtype} is not supported; use one of "
-            f"{[str(d) for d in SUPPORTED_DTYPES]}"
-        )
-    level = _run_level(p.shape, _check_level(level, where))
-    fshape = _state_shape(p.shape, level)
-    named = [("param", p), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
-    if amsgrad:
-        if max_exp_avg_sq is None:
-            raise ValueError(f"{where}: amsgrad=True needs max_exp_avg_sq")
-        named.append(("max_exp_avg_sq", max_exp_avg_sq))
-    for name, x in named:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{where}: {name} must be a tensor, got {type(x).__name__}")
-        if x.device != p.device:
-            raise ValueError(f"{where}: {name} is on {x.device}, param on {p.device}")
-        if not x.is_contiguous():
-            raise ValueError(
-                f"{where}: {name} must be contiguous (shape {list(x.shape)}, "
-                f"strides {list(x.stride())}); call .contiguous() first"
-            )
-        if name in ("param", "grad"):
-            continue
-        if x.dtype != torch.float32:
-            raise ValueError(f"{where}: {name} must be float32, got {x.dtype}")
-        if tuple(x.shape) != fshape:
-            raise ValueError(
-                f"{where}: {name} has shape {list(x.shape)}; a param of shape "
-                f"{list(p.shape)} at level {level} needs {list(fshape)}"
-            )
-    return level
-
-
-def _geometry(shape: Sequence[int], level: int) -> tuple[int, int, int]:
-    """``(n, nb, n_blocks)`` of a tensor viewed as rows x n with blocks of 2**level."""
-    numel = math.prod(shape)
-    if level == 0:
-        return numel, numel, numel
-    n = shape[-1]
-    nb = -(-n // (1 << level))
-    return n, nb, (numel // n) * nb if n else 0
+_SATURATION: dict = {}
 
 
 def foam_adam_step_(
@@ -826,26 +494,38 @@ def foam_adam_step_(
     float32, bfloat16 or float16 (math in float32). ``scale`` (alpha) applies at level >= 1 only.
     Every tensor must be contiguous. Allocates nothing.
     """
-    args = dict(locals())  # the arguments as given, for _Hyper
     where = "foam_adam_step_"
-    hp = _Hyper(args, where)
-    level = _check_tensors(
+    hp = _checked_hyper(
+        where,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        rho=res_scale,
+    )
+    level = check_tensors(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, hp.amsgrad, where
     )
-    lr_value, lr_tensor = _check_lr(lr, param.device, where)
-    step_value, step_tensor = _check_step(step, param.device, where)
+    lr_value, lr_tensor = check_lr(lr, param.device, where)
+    step_value, step_tensor = check_step(step, param.device, where)
     bc1 = sqrt_bc2 = 1.0
     if step_tensor is None:
-        bc1, sqrt_bc2 = _host_bias_corrections(step_value, hp.beta1, hp.beta2)
+        _refuse_host_steps_in_capture(param.device, where)
+        bc1, sqrt_bc2 = host_bias_corrections(step_value, hp.beta1, hp.beta2)
     numel = param.numel()
     if numel == 0:
         return
-    n, nb, n_blocks = _geometry(param.shape, level)
+    rows, n, nb = plans.geometry(param.shape, level)
+    even = plans.is_even(param.shape, level)
     vmax = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # unused unless AMSGRAD
 
     def grid(meta):
-        bb = -(-meta["TILE"] // (1 << level))
-        return (triton.cdiv(n_blocks, bb),)
+        bb = _block_tile(meta["TILE"], level)
+        return (rows * triton.cdiv(nb, bb),)
 
     kernel = wrap_triton(_foam_adam_kernel) if is_tracing() else _foam_adam_kernel
     kernel[grid](
@@ -856,20 +536,19 @@ def foam_adam_step_(
         vmax,
         lr_tensor if lr_tensor is not None else exp_avg,  # dummies are never read
         step_tensor if step_tensor is not None else exp_avg,
-        n_blocks,
         n,
         nb,
         **hp.scalars(level, lr_value, bc1, sqrt_bc2),
-        SIZE_BUCKET=int(numel).bit_length(),
-        LEVEL=level,
-        EVEN=n % (1 << level) == 0,
-        WD_MODE=hp.wd_mode,
-        AMSGRAD=hp.amsgrad,
-        MAXIMIZE=hp.maximize,
-        LR_FROM_PTR=lr_tensor is not None,
-        STEP_FROM_PTR=step_tensor is not None,
-        BIG=numel >= 2**31 - 2**20,
-        BF16_RTNE=_bf16_rtne(param.dtype),
+        SIZE_BUCKET=tuning.size_bucket(numel, _saturation(param.device)),
+        **single_constexprs(
+            level,
+            even,
+            hp,
+            lr_ptr=lr_tensor is not None,
+            step_ptr=step_tensor is not None,
+            idx64=plans.needs_idx64(numel),
+            bf16=_bf16_rtne(param.dtype),
+        ),
     )
 
 
@@ -888,120 +567,349 @@ def is_tracing() -> bool:
 
 
 # --------------------------------------------------------------------------- multi-tensor
-_TABLE_CACHE: OrderedDict = OrderedDict()
-_TABLE_CACHE_SIZE = 32
+# Configs chosen in this process: (device, key fields) -> (TILE, num_warps).
 _MULTI_TUNED: dict = {}
+_PLANS: dict = {}
+_CLOCK = itertools.count()
+_PLAN_CACHE_SIZE = 16
+_DEVICE_NAMES: dict = {}
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_DEVICE_INDEX = Tensor.get_device
+_CONTIG = Tensor.is_contiguous
+_PTR = Tensor.data_ptr
 
 
-def _tables(device: torch.device, level: int, entries: list[tuple]):
-    """Device tables for one launch: ``(ptrs [T*5] i64, meta [T*3], chunks [C*2], C)``.
+class _Group:
+    """One launch of the multi-tensor kernel: its members and their shape-only tables.
 
-    ``entries`` are ``(p, g, m, v, vmax addresses, n, nb, n_blocks)``. The tables are a pure
-    function of ``entries``, so they are cached by it: a cache hit is always valid.
+    ``kind`` is ``(param dtype, grad dtype, level, even, step dtype or None)``; a step dtype means
+    the members' step counters are read on the device through the pointer table, ``None`` that
+    the launcher passes host-side bias corrections (and splits the group by step value when the
+    members' steps differ).
     """
-    key = (device, level, tuple(entries))
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit
-    chunk_blocks = max(1, _CHUNK_ELEMS >> level)
-    ptrs, meta, chunks = [], [], []
-    for i, (*addrs, n, nb, n_blocks) in enumerate(entries):
-        ptrs.extend(addrs)
-        meta.extend((n, nb, n_blocks))
-        for start in range(0, n_blocks, chunk_blocks):
-            chunks.extend((i, start))
-    idx_dtype = torch.int32 if max(meta + chunks) < 2**31 - 2**20 else torch.int64
-    hit = (
-        torch.tensor(ptrs, dtype=torch.int64, device=device),
-        torch.tensor(meta, dtype=idx_dtype, device=device),
-        torch.tensor(chunks, dtype=idx_dtype, device=device),
-        len(chunks) // 2,
-        chunk_blocks,
-    )
-    _TABLE_CACHE[key] = hit
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return hit
+
+    def __init__(self, kind, members, geoms, cols, device):
+        self.p_dtype, self.g_dtype, self.level, self.even, self.step_dtype = kind
+        self.members = members
+        self.geoms = geoms
+        self.cols = cols
+        self.device = device
+        self.pick = operator.itemgetter(*cols)
+        self.tables = plans.GroupTables(geoms, self.level, device)
+        self.slots = plans.PointerSlots(len(cols), device)
+        self.total = sum(r * n for r, n, _ in geoms)
+        self.config = None
+        self.splits: dict = {}
+
+    def subgroup(self, positions) -> _Group:
+        """The members at ``positions`` (host steps of different values), built once."""
+        sub = self.splits.get(positions)
+        if sub is None:
+            cols = [c for k in positions for c in self.cols[6 * k : 6 * k + 6]]
+            kind = (self.p_dtype, self.g_dtype, self.level, self.even, self.step_dtype)
+            sub = _Group(
+                kind,
+                [self.members[k] for k in positions],
+                [self.geoms[k] for k in positions],
+                cols,
+                self.device,
+            )
+            self.splits[positions] = sub
+        return sub
+
+    def captured(self) -> bool:
+        return bool(self.slots.captured) or any(s.captured() for s in self.splits.values())
+
+
+class _Plan:
+    """Everything a call's metadata decides, built (and validated) once per metadata."""
+
+    def __init__(self, groups, host_steps, all_step_tensors, device):
+        self.groups = groups
+        self.host_steps = host_steps  # indices of parameters whose steps are read on the host
+        self.all_step_tensors = all_step_tensors
+        self.device = device
+
+
+_STEP_META = operator.attrgetter("device", "dtype", "shape")
+_FLOAT32 = {torch.float32}
+_INT = {int}
+_ONE = {1}
+
+
+def _steps_key(steps) -> tuple:
+    """What the checks read of the step counters: their kinds, devices, dtypes and sizes (a few
+    sets when they are all tensors alike, as an optimizer passes them)."""
+    types = set(map(type, steps))
+    if len(types) == 1 and issubclass(next(iter(types)), Tensor):
+        devices = set(map(_DEVICE, steps))
+        dtypes = set(map(_DTYPE, steps))
+        if len(devices) == 1 and len(dtypes) == 1 and set(map(Tensor.numel, steps)) == _ONE:
+            return (*types, *devices, *dtypes)
+    return (None, *(_STEP_META(s) if isinstance(s, Tensor) else type(s) for s in steps))
+
+
+def _call_key(params, grads, states: tuple, steps, levels, amsgrad: bool):
+    """Every fact the checks read, as one flat hashable tuple, or ``None`` when the full checks
+    must run (an input is not a tensor, or a fact the checks always reject: tensors on several
+    devices, a non-contiguous one, a state not float32; the checks then name it). Facts shared
+    by all tensors are reduced before they enter the key, so hashing it stays cheap: the whole
+    key costs about 0.3 us a tensor on an idle core, the price of not trusting anything
+    between steps."""
+    try:
+        tensors = (*params, *grads, *states)
+        # Device indices (an int each, cheaper than a torch.device): with params[0]'s device in
+        # the key, one index for all means one device (CUDA tensors; -1 means CPU).
+        devices = set(map(_DEVICE_INDEX, tensors))
+        if (
+            set(map(type, levels)) != _INT  # a bool or a float level is refused by the checks
+            or len(devices) != 1
+            or not all(map(_CONTIG, tensors))
+            or set(map(_DTYPE, states)) != _FLOAT32
+        ):
+            return None
+        return (
+            amsgrad,
+            params[0].device,
+            *levels,
+            *map(_DTYPE, params),
+            *map(_DTYPE, grads),
+            *map(_SHAPE, tensors),
+            *_steps_key(steps),
+        )
+    except (AttributeError, TypeError):
+        return None
+
+
+def _build_plan(params, grads, exp_avgs, exp_avg_sqs, vmaxs, steps, levels, hp, where) -> _Plan:
+    """Validate every tensor (nothing is written before this passes) and group them."""
+    device = params[0].device
+    count = len(params)
+    kinds: dict[tuple, list] = {}
+    host_steps = []
+    for i, p in enumerate(params):
+        here = f"{where}: parameter {i}"
+        vmax = vmaxs[i] if hp.amsgrad else None
+        level = check_tensors(
+            p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, levels[i], hp.amsgrad, here
+        )
+        if p.device != device:
+            raise ValueError(f"{here} is on {p.device}, parameter 0 on {device}")
+        step_value, step_tensor = check_step(steps[i], device, here)
+        if step_tensor is None:
+            host_steps.append(i)
+        if p.numel() == 0:
+            continue
+        even = plans.is_even(p.shape, level)
+        step_dtype = None if step_tensor is None else step_tensor.dtype
+        if step_dtype is not None and step_dtype not in _TL_DTYPE:
+            raise ValueError(f"{here}: a step counter of dtype {step_dtype} is not supported")
+        kind = (p.dtype, grads[i].dtype, level, even, step_dtype)
+        kinds.setdefault(kind, []).append((i, plans.geometry(p.shape, level)))
+    # Flat address tuple of a call: p, g, exp_avg, exp_avg_sq, [max_exp_avg_sq], step, then 0.
+    n_lists = 5 if hp.amsgrad else 4
+    zero = (n_lists + 1) * count
+    groups = []
+    for kind, members in kinds.items():
+        cols = []
+        for i, _ in members:
+            vm = 4 * count + i if hp.amsgrad else 3 * count + i
+            step_col = n_lists * count + i if kind[4] is not None else zero
+            cols += [i, count + i, 2 * count + i, 3 * count + i, vm, step_col]
+        idx = [i for i, _ in members]
+        groups.append(_Group(kind, idx, [g for _, g in members], cols, device))
+    all_tensors = all(isinstance(s, Tensor) for s in steps)
+    return _Plan(groups, host_steps, all_tensors, device)
+
+
+def _get_plan(key, build, device: torch.device) -> _Plan:
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        plan.last_use = next(_CLOCK)
+        return plan
+    if plans.capturing(device):
+        raise RuntimeError(
+            "foam_adam_grouped_: a new set of parameters (shapes, dtypes or levels) cannot be "
+            "prepared while a CUDA graph is being captured; run one step eagerly before "
+            "capturing (torch.compile's mode='reduce-overhead' does that by itself)"
+        )
+    plan = build()
+    plan.last_use = next(_CLOCK)
+    if key is not None:
+        _PLANS[key] = plan
+        # Drop the least recently used plan, never one whose tables a captured graph reads.
+        evictable = [k for k, v in _PLANS.items() if not any(g.captured() for g in v.groups)]
+        if len(_PLANS) > _PLAN_CACHE_SIZE and evictable:
+            del _PLANS[min(evictable, key=lambda k: _PLANS[k].last_use)]
+    return plan
 
 
 def _launch_multi(
-    tables, config, *, lr_tensor, step_tensor, scalars, p_dtype, g_dtype, level, even, hp, aligned
+    group_tables,
+    ptrs,
+    config,
+    *,
+    level,
+    even,
+    hp,
+    p_dtype,
+    g_dtype,
+    step_dtype,
+    lr_tensor,
+    scalars,
+    aligned,
 ):
-    ptrs, meta, chunks, n_chunks, chunk_blocks = tables
-    dummy = ptrs
-    _foam_adam_multi_kernel[(n_chunks,)](
+    tile, warps = config
+    dummy = group_tables.meta
+    _foam_adam_multi_kernel[(group_tables.n_chunks,)](
         ptrs,
-        meta,
-        chunks,
-        lr_tensor if lr_tensor is not None else dummy,
-        step_tensor if step_tensor is not None else dummy,
+        group_tables.meta,
+        group_tables.chunks,
+        lr_tensor if lr_tensor is not None else dummy,  # never read unless LR_FROM_PTR
         **scalars,
-        P_DTYPE=_TL_DTYPE[p_dtype],
-        G_DTYPE=_TL_DTYPE[g_dtype],
-        LEVEL=level,
-        EVEN=even,
-        WD_MODE=hp.wd_mode,
-        AMSGRAD=hp.amsgrad,
-        MAXIMIZE=hp.maximize,
-        LR_FROM_PTR=lr_tensor is not None,
-        STEP_FROM_PTR=step_tensor is not None,
-        ALIGNED=aligned,
-        BF16_RTNE=_bf16_rtne(p_dtype),
-        CHUNK_BLOCKS=chunk_blocks,
-        TILE=config.kwargs["TILE"],
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **multi_constexprs(
+            p_dtype,
+            g_dtype,
+            level,
+            even,
+            hp,
+            lr_ptr=lr_tensor is not None,
+            step_dtype=step_dtype,
+            aligned=aligned,
+            idx64=group_tables.idx64,
+            bf16=_bf16_rtne(p_dtype),
+            tile=tile,
+        ),
+        num_warps=warps,
+        num_stages=tuning.NUM_STAGES,
     )
 
 
-def _multi_config(device, level, p_dtype, g_dtype, hp, total: int, launch_kw) -> triton.Config:
-    """The multi-tensor kernel's config: timed once per key on a bounded scratch group.
+def _device_name(device: torch.device) -> str:
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        _DEVICE_NAMES[device] = name
+    return name
 
-    ``@triton.autotune`` would benchmark on the live tensors, and stores made through the pointer
-    table cannot be snapshotted by ``restore_value``; a scratch group of the same dtypes, level
-    and flags (at most 2**23 elements) is timed instead, so the live state is never touched.
+
+def _multi_config(group: _Group, hp: KernelHyper) -> tuple[int, int]:
+    """The group's config: chosen once per key (this process, else the disk, else timed now)."""
+    if group.config is not None:
+        return group.config
+    choices = tuning.configs(group.even)
+    if len(choices) == 1:
+        group.config = choices[0]
+        return group.config
+    bucket = 12 if is_interpreting() else tuning.size_bucket(group.total, _saturation(group.device))
+    fields = (str(group.p_dtype), str(group.g_dtype), group.level, group.even, STATE_FP32, bucket)
+    key = (group.device, fields)
+    choice = _MULTI_TUNED.get(key)
+    kernel_hash = getattr(_foam_adam_multi_kernel, "cache_key", "interpreted")
+    if choice is None:
+        choice = tuning.cached_choice(_device_name(group.device), kernel_hash, fields)
+    if choice is None and plans.capturing(group.device):
+        return tuning.DEFAULT  # nothing is timed inside a capture; tune on the next eager step
+    if choice is None:
+        choice, timings = _tune_multi(group, hp, bucket)
+        tuning.record_choice(_device_name(group.device), kernel_hash, fields, choice, timings)
+    _MULTI_TUNED[key] = choice
+    group.config = choice
+    return choice
+
+
+def _tune_multi(group: _Group, hp: KernelHyper, bucket: int):
+    """Time every config on a scratch group of the group's dtypes, level and evenness.
+
+    The scratch has ``2**(bucket - 1)`` to ``2**bucket`` elements (the size model of
+    :mod:`.tuning`: the group's own size up to saturation); live tensors are never touched.
     """
-    if len(_CONFIGS) == 1:
-        return _CONFIGS[0]
-    bucket = min(23, max(16, int(total).bit_length()))
-    if is_interpreting():
-        bucket = 12  # the interpreter only checks the tuning path; keep its scratch tiny
-    key = (device, level, p_dtype, g_dtype, hp.amsgrad, bucket)
-    best = _MULTI_TUNED.get(key)
-    if best is not None:
-        return best
-    n = 4096
-    rows = max(1, (1 << bucket) // n)
-    nb = n >> level
-    p = torch.randn(rows, n, device=device).to(p_dtype)
-    g = torch.randn(rows, n, device=device).to(g_dtype)
-    m = torch.zeros(rows, max(nb, 1), device=device)
-    v = torch.zeros_like(m)
-    vmax = torch.zeros_like(m) if hp.amsgrad else v
-    entry = (
-        p.data_ptr(),
-        g.data_ptr(),
-        m.data_ptr(),
-        v.data_ptr(),
-        vmax.data_ptr(),
-        *_geometry(p.shape, level),
+    device = group.device
+    n = 4096 if group.even else 4095  # 4095 is odd: a partial block at every level >= 1
+    rows = max(1, (1 << (bucket - 1)) // n)
+    level = group.level
+    p = torch.randn(rows, n, device=device).to(group.p_dtype)
+    g = torch.randn(rows, n, device=device).to(group.g_dtype)
+    fshape = (rows, -(-n // (1 << level)))
+    m = torch.zeros(fshape, device=device)
+    v = torch.zeros(fshape, device=device)
+    vmax = torch.zeros(fshape, device=device) if hp.amsgrad else v
+    tables = plans.GroupTables([plans.geometry(p.shape, level)], level, device)
+    ptrs = torch.tensor(
+        [p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr(), 0],
+        dtype=torch.int64,
+        device=device,
     )
-    tables = _tables(device, level, [entry])
+    aligned = all(t.data_ptr() % 16 == 0 for t in (p, g, m, v, vmax))
+    bc1, sqrt_bc2 = host_bias_corrections(1, hp.beta1, hp.beta2)
     timings = {}
-    for config in _CONFIGS:
+    for config in tuning.configs(group.even):
 
         def run(config=config):
-            _launch_multi(tables, config, **launch_kw)
+            _launch_multi(
+                tables,
+                ptrs,
+                config,
+                level=level,
+                even=group.even,
+                hp=hp,
+                p_dtype=group.p_dtype,
+                g_dtype=group.g_dtype,
+                step_dtype=None,
+                lr_tensor=None,
+                scalars=hp.scalars(level, 1e-3, bc1, sqrt_bc2),
+                aligned=aligned,
+            )
 
         try:
             timings[config] = _do_bench(run)
         except Exception:  # a config that does not compile or fit is skipped
             timings[config] = float("inf")
-    best = min(timings, key=timings.get)
-    _MULTI_TUNED[key] = best
-    _TABLE_CACHE.pop((device, level, (entry,)), None)
-    return best
+    return min(timings, key=timings.get), timings
+
+
+def _refuse_host_steps_in_capture(device: torch.device, where: str) -> None:
+    if plans.capturing(device):
+        raise RuntimeError(
+            f"{where}: a step counter read on the host (a number or a CPU tensor) would be "
+            "baked into the CUDA graph being captured, and every replay would reuse its bias "
+            "correction; keep the step counters on the device (FOAM(..., capturable=True))"
+        )
+
+
+def _host_step_values(plan: _Plan, steps) -> dict:
+    """``{parameter index: step value}`` for the steps read on the host (CPU tensors, numbers)."""
+    host = [steps[i] for i in plan.host_steps]
+    if plan.all_step_tensors:
+        values = list(map(Tensor.item, host))  # the cheapest read of many CPU scalars
+    else:
+        values = [float(s) for s in host]
+    return dict(zip(plan.host_steps, values))
+
+
+def _run_group(group, flat, hp, lr_value, lr_tensor, step_value) -> None:
+    ptrs, aligned = group.slots.get(group.pick(flat))
+    if group.step_dtype is None:
+        bc1, sqrt_bc2 = host_bias_corrections(step_value, hp.beta1, hp.beta2)
+    else:
+        bc1 = sqrt_bc2 = 1.0
+    _launch_multi(
+        group.tables,
+        ptrs,
+        _multi_config(group, hp),
+        level=group.level,
+        even=group.even,
+        hp=hp,
+        p_dtype=group.p_dtype,
+        g_dtype=group.g_dtype,
+        step_dtype=group.step_dtype,
+        lr_tensor=lr_tensor,
+        scalars=hp.scalars(group.level, lr_value, bc1, sqrt_bc2),
+        aligned=aligned,
+    )
 
 
 def foam_adam_grouped_(
@@ -1026,14 +934,15 @@ def foam_adam_grouped_(
 ) -> None:
     """One FOAM step over many parameters in a handful of launches, in place.
 
-    Parameters are grouped by ``(param dtype, grad dtype, level, alignment)`` and each group is
-    one launch of the multi-tensor kernel. ``state_steps[i]`` is parameter ``i``'s *new* step
-    count (already incremented): numbers or CPU tensors are read on the host (groups split by
-    value if they differ), tensors on the parameters' device are read by the kernel. ``levels[i]``
-    is parameter ``i``'s level (clamped to 0 for 0-d/1-d parameters). Other arguments as
-    :func:`foam_adam_step_`. All tensors are checked before any is written.
+    Parameters are grouped by ``(param dtype, grad dtype, level, even, how the step is read)``
+    and each group is one launch of the multi-tensor kernel. ``state_steps[i]`` is parameter
+    ``i``'s *new* step count (already incremented): numbers or CPU tensors are read on the host
+    (a group is split by value if they differ), tensors on the parameters' device are read by
+    the kernel through the pointer table (no gather, no copy). ``levels[i]`` is parameter
+    ``i``'s level (clamped to 0 for 0-d/1-d parameters). Other arguments as
+    :func:`foam_adam_step_`. All tensors are checked before any is written; a steady loop
+    (same shapes, same addresses) allocates, copies and synchronises nothing.
     """
-    args = dict(locals())  # the arguments as given, for _Hyper
     where = "foam_adam_grouped_"
     count = len(params)
     lists = {
@@ -1052,56 +961,46 @@ def foam_adam_grouped_(
             raise ValueError(f"{where}: {name} has {len(seq)} entries, params has {count}")
     if count == 0:
         return
-    hp = _Hyper(args, where)
-    device = params[0].device
-    lr_value, lr_tensor = _check_lr(lr, device, where)
-
-    groups: dict[tuple, list] = {}
-    for i, p in enumerate(params):
-        here = f"{where}: parameter {i}"
-        vmax = max_exp_avg_sqs[i] if amsgrad else None
-        level = _check_tensors(
-            p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, levels[i], hp.amsgrad, here
-        )
-        if p.device != device:
-            raise ValueError(f"{here} is on {p.device}, parameter 0 on {device}")
-        step_value, step_tensor = _check_step(state_steps[i], device, here)
-        if step_value is not None:
-            _host_bias_corrections(step_value, hp.beta1, hp.beta2)  # validates the value
-        if p.numel() == 0:
+    hp = _checked_hyper(
+        where,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        rho=res_scale,
+    )
+    lr_value, lr_tensor = check_lr(lr, params[0].device, where)
+    vmaxs = tuple(max_exp_avg_sqs) if hp.amsgrad else ()
+    states = (*exp_avgs, *exp_avg_sqs, *vmaxs)
+    plan = _get_plan(
+        _call_key(params, grads, states, state_steps, levels, hp.amsgrad),
+        lambda: _build_plan(
+            params, grads, exp_avgs, exp_avg_sqs, vmaxs, state_steps, levels, hp, where
+        ),
+        params[0].device,
+    )
+    if plan.all_step_tensors:
+        steps = map(_PTR, state_steps)
+    else:
+        steps = [s.data_ptr() if isinstance(s, Tensor) else 0 for s in state_steps]
+    flat = (*map(_PTR, params), *map(_PTR, grads), *map(_PTR, states), *steps, 0)
+    values = None
+    if plan.host_steps:
+        _refuse_host_steps_in_capture(plan.device, where)
+        values = _host_step_values(plan, state_steps)
+    for group in plan.groups:
+        if group.step_dtype is not None:
+            _run_group(group, flat, hp, lr_value, lr_tensor, None)
             continue
-        g, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
-        vmax = vmax if amsgrad else v
-        n, nb, n_blocks = _geometry(p.shape, level)
-        addrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr())
-        aligned = all(a % 16 == 0 for a in addrs)
-        even = n % (1 << level) == 0
-        # Host steps split groups by value; device steps share one group and a stacked table.
-        step_key = ("device",) if step_tensor is not None else ("host", step_value)
-        key = (p.dtype, grads[i].dtype, level, even, aligned, step_key)
-        groups.setdefault(key, []).append((addrs, (n, nb, n_blocks), step_tensor))
-
-    for (p_dtype, g_dtype, level, even, aligned, step_key), members in groups.items():
-        entries = [(*addrs, *geom) for addrs, geom, _ in members]
-        tables = _tables(device, level, entries)
-        if step_key[0] == "device":
-            # One small [T] gather per group; the kernel computes each tensor's bias correction.
-            step_tensor = torch.stack([s.reshape(()) for _, _, s in members]).to(torch.float32)
-            bc1 = sqrt_bc2 = 1.0
-        else:
-            step_tensor = None
-            bc1, sqrt_bc2 = _host_bias_corrections(step_key[1], hp.beta1, hp.beta2)
-        launch_kw = dict(
-            lr_tensor=lr_tensor,
-            step_tensor=step_tensor,
-            scalars=hp.scalars(level, lr_value, bc1, sqrt_bc2),
-            p_dtype=p_dtype,
-            g_dtype=g_dtype,
-            level=level,
-            even=even,
-            hp=hp,
-            aligned=aligned,
-        )
-        total = sum(geom[2] << level for _, geom, _ in members)
-        config = _multi_config(device, level, p_dtype, g_dtype, hp, total, launch_kw)
-        _launch_multi(tables, config, **launch_kw)
+        mine = [values[i] for i in group.members]
+        first = mine[0]
+        if all(x == first for x in mine):
+            _run_group(group, flat, hp, lr_value, lr_tensor, first)
+            continue
+        for value in sorted(set(mine)):  # parameters that joined at different steps
+            positions = tuple(k for k, x in enumerate(mine) if x == value)
+            _run_group(group.subgroup(positions), flat, hp, lr_value, lr_tensor, value)

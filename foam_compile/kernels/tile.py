@@ -1,0 +1,392 @@
+"""Device code shared by the FOAM kernels: one tile, one span of tiles, the per-program scalars.
+
+A *tile* is ``BB`` consecutive blocks of one row (``BB * B`` elements, ``B = 2**LEVEL``) held as
+``[BB, B]``, so a block's mean is a sum along axis 1. A *span* is a run of blocks of one row:
+its whole tiles of full blocks take the unmasked tile, and only the span's last tile, which
+holds the row's partial block when the last dim is not a multiple of ``B``, is masked. There is
+no per-block integer division and no 2-D gather.
+
+Layout. Where a tile starts is what decides its register layout. An even tensor's tiles start
+at multiples of the tile: one contiguous run loaded as full-width vectors (4 float32 a thread),
+reshaped to ``[BB, B]`` with each thread holding whole 4-element pieces of blocks. A ragged
+row (5461 columns) starts at any alignment, so Triton's loads are scalar, one element per
+thread each; reshaped, a block would be spread over ``B`` lanes, every per-block value
+replicated over them, and the block sums made by warp shuffles (the previous ragged path:
+150-255 registers, spills). Ragged tiles (``QUADS``) are therefore loaded as four column loads
+``x[4q + k]`` joined with ``tl.join``, which puts the joined dimension inside a thread: each
+thread again holds whole 4-element quads, as on the even path, and the block sums take the
+even path's code (quads never straddle blocks: blocks start at multiples of ``B`` >= 4 within a
+row, and for ``B = 2`` a quad is two whole blocks). Stores split the quads back into columns.
+The column loads are scalar and strided by 4 elements, but the four of them read the same
+cache lines back to back (L1), so DRAM sees each line once.
+
+Formats. Every load and store of a parameter or of a folded state goes through
+:func:`load_param` / :func:`store_param` / :func:`load_state` / :func:`store_state`, each
+switched by a constexpr (``PARAM_FMT``, ``STATE_FMT``; 0 = plain float32/bf16/fp16 today). A new
+state format (int8/int4 codes with scales, issue 12) or a parameter with correction bits
+(issue 13) is a new branch in these functions (plus its side pointers), not a second copy of
+the tile or of the loops.
+
+Index width. The element offset of a tile is ``ebase``, added to the base pointers before the
+in-tile offsets; the kernels make it int64 (``IDX64``) when a tensor has 2**31 elements or
+more, so no product of a block index and ``B`` is ever formed in int32 for such tensors.
+
+This module imports nothing from the rest of foam_compile.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Formats a tile can load and store (constexpr values).
+PARAM_PLAIN = 0  # the parameter's own dtype, math in float32
+STATE_FP32 = 0  # float32 folded moments
+
+
+@triton.jit
+def bias_corrections(step, b1_hi, b1_lo, b2_hi, b2_lo):
+    """``(1 - beta1**t, sqrt(1 - beta2**t))`` in float32, computed in float64 from a step value.
+
+    Exponentiation by squaring (t is a whole number): multiplications only, no float64 exp/log.
+    """
+    t = tl.cast(step, tl.int64)
+    b1 = tl.cast(b1_hi, tl.float64) + tl.cast(b1_lo, tl.float64)
+    b2 = tl.cast(b2_hi, tl.float64) + tl.cast(b2_lo, tl.float64)
+    p1 = tl.full((), 1.0, tl.float64)
+    p2 = tl.full((), 1.0, tl.float64)
+    while t > 0:
+        odd = (t & 1) == 1
+        p1 = tl.where(odd, p1 * b1, p1)
+        p2 = tl.where(odd, p2 * b2, p2)
+        b1 = b1 * b1
+        b2 = b2 * b2
+        t = t >> 1
+    bc1 = (1.0 - p1).to(tl.float32)
+    sqrt_bc2 = tl.sqrt_rn((1.0 - p2).to(tl.float32))
+    return bc1, sqrt_bc2
+
+
+@triton.jit
+def step_scalars(
+    lr_ptr,
+    step_ptr,
+    lr,
+    bc1,
+    sqrt_bc2,
+    b1_hi,
+    b1_lo,
+    b2_hi,
+    b2_lo,
+    weight_decay,
+    scale,
+    LR_FROM_PTR: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr,
+):
+    """Per-program scalars ``(decay, step_size, sqrt_bc2)``; ``lr``/``step`` may live on device."""
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    if STEP_FROM_PTR:
+        bc1, sqrt_bc2 = bias_corrections(tl.load(step_ptr), b1_hi, b1_lo, b2_hi, b2_lo)
+    decay = 1.0 - lr * weight_decay
+    step_size = lr * scale / bc1
+    return decay, step_size, sqrt_bc2
+
+
+@triton.jit
+def load_param(ptr, offs, mask, MASKED: tl.constexpr, FMT: tl.constexpr):
+    """Parameter (or gradient) elements as float32. ``FMT`` 0: the tensor's own dtype."""
+    tl.static_assert(FMT == 0, "unknown parameter format")
+    if MASKED:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_param(
+    ptr, offs, x, mask, MASKED: tl.constexpr, FMT: tl.constexpr, BF16_RTNE: tl.constexpr
+):
+    """Store float32 ``x`` into the parameter. ``FMT`` 0: rounded to the tensor's own dtype."""
+    tl.static_assert(FMT == 0, "unknown parameter format")
+    if BF16_RTNE:
+        # Round to nearest even by hand: Triton's interpreter truncates float32 -> bfloat16
+        # (GPUs round), which would bias every CPU-tested step toward zero.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr + offs, out, mask=mask)
+    else:
+        tl.store(ptr + offs, out)
+
+
+@triton.jit
+def load_state(ptr, idx, mask, MASKED: tl.constexpr, FMT: tl.constexpr):
+    """Folded moments of a tile's blocks as float32. ``FMT`` 0: float32 storage."""
+    tl.static_assert(FMT == 0, "unknown state format")
+    if MASKED:
+        x = tl.load(ptr + idx, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + idx)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_state(ptr, idx, x, mask, MASKED: tl.constexpr, FMT: tl.constexpr):
+    """Store a tile's folded moments. ``FMT`` 0: float32 storage."""
+    tl.static_assert(FMT == 0, "unknown state format")
+    if MASKED:
+        tl.store(ptr + idx, x, mask=mask)
+    else:
+        tl.store(ptr + idx, x)
+
+
+@triton.jit
+def load_param_quads(ptr, q, n_valid, MASKED: tl.constexpr, FMT: tl.constexpr):
+    """Elements ``4q .. 4q+3`` as ``[N, 2, 2]`` (element ``4q + 2a + b`` at ``[q, a, b]``), each
+    quad inside one thread: four column loads joined (module docstring, "Layout")."""
+    o = 4 * q
+    c0 = load_param(ptr, o, o < n_valid, MASKED, FMT)
+    c1 = load_param(ptr, o + 1, o + 1 < n_valid, MASKED, FMT)
+    c2 = load_param(ptr, o + 2, o + 2 < n_valid, MASKED, FMT)
+    c3 = load_param(ptr, o + 3, o + 3 < n_valid, MASKED, FMT)
+    return tl.join(tl.join(c0, c2), tl.join(c1, c3))
+
+
+@triton.jit
+def store_param_quads(
+    ptr, q, x, n_valid, MASKED: tl.constexpr, FMT: tl.constexpr, BF16_RTNE: tl.constexpr
+):
+    """The inverse of :func:`load_param_quads`: ``x`` is ``[N, 2, 2]``, split into columns."""
+    o = 4 * q
+    a, b = tl.split(x)
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    store_param(ptr, o, c0, o < n_valid, MASKED, FMT, BF16_RTNE)
+    store_param(ptr, o + 1, c1, o + 1 < n_valid, MASKED, FMT, BF16_RTNE)
+    store_param(ptr, o + 2, c2, o + 2 < n_valid, MASKED, FMT, BF16_RTNE)
+    store_param(ptr, o + 3, c3, o + 3 < n_valid, MASKED, FMT, BF16_RTNE)
+
+
+@triton.jit
+def foam_tile(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    ebase,
+    sbase,
+    n_valid,
+    decay,
+    step_size,
+    sqrt_bc2,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    rho,
+    LEVEL: tl.constexpr,
+    BB: tl.constexpr,
+    MASKED: tl.constexpr,
+    RAGGED: tl.constexpr,
+    QUADS: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    PARAM_FMT: tl.constexpr,
+    STATE_FMT: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
+):
+    """FOAM (ALGORITHM.md) on ``BB`` blocks: elements ``ebase + [0, BB*B)``, states ``sbase + j``.
+
+    ``MASKED``: only the first ``n_valid`` elements exist (a span's last tile); otherwise all
+    ``BB * B`` do and nothing is masked. ``RAGGED``: the last existing block may be partial, so
+    each block's mean divides by the elements it really has (ALGORITHM.md "Folding"; the
+    reference code's zero-pad-and-divide-by-B is not copied); otherwise every block is full and
+    the mean is an exact multiplication by ``1/B``. ``QUADS``: the start may be unaligned (a
+    ragged row); parameters and gradients go through quad columns (module docstring, "Layout").
+    """
+    B: tl.constexpr = 1 << LEVEL
+    e = tl.arange(0, BB * B)
+    j = tl.arange(0, BB)
+    offs = ebase + e
+    sidx = sbase + j
+    emask = e < n_valid  # dead code unless MASKED
+    bmask = j * B < n_valid
+
+    if QUADS:
+        q = tl.arange(0, BB * B // 4)
+        g = tl.reshape(load_param_quads(g_ptr + ebase, q, n_valid, MASKED, 0), (BB * B,))
+        p = tl.reshape(load_param_quads(p_ptr + ebase, q, n_valid, MASKED, PARAM_FMT), (BB * B,))
+    else:
+        g = load_param(g_ptr, offs, emask, MASKED, 0)  # gradients are plain tensors
+        p = load_param(p_ptr, offs, emask, MASKED, PARAM_FMT)
+    m = load_state(m_ptr, sidx, bmask, MASKED, STATE_FMT)
+    v = load_state(v_ptr, sidx, bmask, MASKED, STATE_FMT)
+    if MAXIMIZE:
+        g = -g
+    if WD_MODE == 1:  # AdamW: decoupled decay first
+        p = p * decay
+    if WD_MODE == 2:  # Adam: L2 folded into the gradient (after maximize, as torch.optim.Adam)
+        g = g + weight_decay * p
+
+    if LEVEL == 0:
+        gb = g
+        qb = g * g
+    else:
+        g = tl.reshape(g, (BB, B))
+        p = tl.reshape(p, (BB, B))
+        s1 = tl.sum(g, axis=1)
+        s2 = tl.sum(g * g, axis=1)
+        if MASKED and RAGGED:
+            # Elements that exist in each block: B, fewer in the row's partial last block (and
+            # clamped to 1 past the end, where nothing is stored).
+            cnt = tl.minimum(tl.maximum(n_valid - j * B, 1), B).to(tl.float32)
+            gb = tl.div_rn(s1, cnt)
+            qb = tl.div_rn(s2, cnt)
+        else:
+            gb = s1 * (1.0 / B)  # exact: B is a power of two
+            qb = s2 * (1.0 / B)
+
+    m = beta1 * m + one_minus_beta1 * gb
+    v = beta2 * v + one_minus_beta2 * qb
+    store_state(m_ptr, sidx, m, bmask, MASKED, STATE_FMT)
+    store_state(v_ptr, sidx, v, bmask, MASKED, STATE_FMT)
+    if AMSGRAD:
+        v_use = tl.maximum(load_state(vmax_ptr, sidx, bmask, MASKED, STATE_FMT), v)
+        store_state(vmax_ptr, sidx, v_use, bmask, MASKED, STATE_FMT)
+    else:
+        v_use = v
+
+    if LEVEL == 0:  # R = 0: M = m, V = v, torch.optim.AdamW's step
+        big_m = m
+        big_v = v_use
+    else:
+        r = g - gb[:, None]  # the residual, never stored
+        big_m = m[:, None] + rho * r
+        big_v = v_use[:, None] + (rho * rho) * (r * r)
+    denom = tl.div_rn(tl.sqrt_rn(big_v), sqrt_bc2) + eps
+    p = p - step_size * tl.div_rn(big_m, denom)
+    if QUADS:
+        p = tl.reshape(p, (BB * B // 4, 2, 2))
+        store_param_quads(p_ptr + ebase, q, p, n_valid, MASKED, PARAM_FMT, BF16_RTNE)
+    else:
+        if LEVEL > 0:
+            p = tl.reshape(p, (BB * B,))
+        store_param(p_ptr, offs, p, emask, MASKED, PARAM_FMT, BF16_RTNE)
+
+
+@triton.jit
+def foam_span(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    erow,
+    srow,
+    b0,
+    b1,
+    n_row,
+    decay,
+    step_size,
+    sqrt_bc2,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    rho,
+    LEVEL: tl.constexpr,
+    BB: tl.constexpr,
+    EVEN: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    PARAM_FMT: tl.constexpr,
+    STATE_FMT: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
+):
+    """Blocks ``[b0, b1)`` of one row of ``n_row`` elements (row starts: ``erow``, ``srow``).
+
+    Whole tiles of full blocks run unmasked; what is left (fewer than ``BB`` full blocks and,
+    for a ragged row, its partial block) is one masked tile. ``b0`` must be a multiple of ``BB``
+    for the unmasked tiles to keep their alignment facts.
+    """
+    B: tl.constexpr = 1 << LEVEL
+    full_end = tl.minimum(b1, n_row >> LEVEL)  # blocks before this one are full
+    n_tiles = tl.maximum(full_end - b0, 0) // BB
+    for k in range(0, n_tiles):
+        b = tl.multiple_of(b0 + k * BB, BB)
+        foam_tile(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            erow + b * B,
+            srow + b,
+            BB * B,
+            decay,
+            step_size,
+            sqrt_bc2,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            rho,
+            LEVEL,
+            BB,
+            False,
+            False,
+            not EVEN,
+            WD_MODE,
+            AMSGRAD,
+            MAXIMIZE,
+            PARAM_FMT,
+            STATE_FMT,
+            BF16_RTNE,
+        )
+    rest = b0 + n_tiles * BB
+    if rest < b1:
+        foam_tile(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            erow + rest * B,
+            srow + rest,
+            tl.minimum(n_row, b1 * B) - rest * B,
+            decay,
+            step_size,
+            sqrt_bc2,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            rho,
+            LEVEL,
+            BB,
+            True,
+            not EVEN,
+            not EVEN,
+            WD_MODE,
+            AMSGRAD,
+            MAXIMIZE,
+            PARAM_FMT,
+            STATE_FMT,
+            BF16_RTNE,
+        )
