@@ -9,6 +9,7 @@ Importing the package is cheap: Dynamo, Inductor, sympy and Triton load when fir
 
 import importlib
 
+from . import formats  # noqa: F401  (registers the int8/int4 state formats; torch only)
 from .convert import convert, explain, export_adamw_state_dict, is_converted
 from .optimizer import FOAM
 from .reference import fold, folded_shape, reference_step, unfold

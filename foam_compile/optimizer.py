@@ -132,11 +132,12 @@ class FOAM(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------------- state
-    def _new_state(self, p: Tensor, group: dict, level: int | None = None) -> dict:
+    def _new_state(self, p: Tensor, group: dict, level: int | None = None, fmt=None) -> dict:
         hp = self.foam_family.hyper(group)
         level = _int_level(hp.level) if level is None else level
+        fmt = format_of({}) if fmt is None else fmt
         return checkpoint.new_state(
-            p, level, self.foam_family.moments(hp), format_of({}), checkpoint.step_device(p, group)
+            p, level, self.foam_family.moments(hp), fmt, checkpoint.step_device(p, group)
         )
 
     def _init_group(self, group, params, grads, tensors, layouts):
@@ -254,6 +255,32 @@ class FOAM(torch.optim.Optimizer):
             state.clear()
             state.update(new)
 
+    @torch.no_grad()
+    def _set_layout(self, p: Tensor, *, level: int | None = None, state_format=None) -> None:
+        """Internal (until ``state_format=`` is an option): store ``p``'s moments at ``level``
+        and in the state format named ``state_format`` (``None``: keep), re-encoding them.
+
+        Creates ``p``'s state if it has none yet, as :meth:`set_levels` does.
+        """
+        from .state import get_format
+
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError(
+                f"_set_layout: a tensor of shape {list(p.shape)} is not in this optimizer"
+            )
+        fmt = None if state_format is None else get_format(state_format, "_set_layout")
+        if level is not None and (isinstance(level, bool) or not 0 <= int(level) <= 16):
+            raise ValueError(f"_set_layout: invalid level {level!r}; use an int in [0, 16]")
+        state = self.state[p]
+        if not state:
+            state.update(self._new_state(p, group, None if level is None else int(level), fmt))
+            return
+        moments = self.foam_family.moments(self.foam_family.hyper(group))
+        new = checkpoint.relayout(p, state, moments, level=level, fmt=fmt)
+        state.clear()
+        state.update(new)
+
     # -------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a FOAM checkpoint, or a stock AdamW/Adam one (its full-size moments are folded).
@@ -277,6 +304,9 @@ class FOAM(torch.optim.Optimizer):
 
         for p, st in self.state.items():
             for key, value in tensors.get(p, {}).items():
+                if not isinstance(value, Tensor):  # foam_format
+                    st[key] = value
+                    continue
                 value = value.to(device=p.device)
                 st[key] = like_param(value, p, st.get("foam_level", 0))
         if not hasattr(self, "autotune"):
