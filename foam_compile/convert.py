@@ -25,7 +25,7 @@ from .families import Family, family_of, supported_names
 from .hyper import GROUP_DEFAULTS, check_options
 from .optimizer import FOAM, _check_autotune, _int_level, check_autotune, check_params
 from .policy import KEEP_UNFOLDED, choose_levels
-from .state import DEFAULT_FORMAT, get_format
+from .state import DEFAULT_FORMAT, format_of, get_format
 
 __all__ = ["convert", "is_converted", "export_adamw_state_dict", "explain", "Explanation"]
 
@@ -187,9 +187,12 @@ def _rebind_scheduler_wrapper(opt: torch.optim.Optimizer) -> None:
 
 @dataclass
 class Explanation:
-    """What FOAM does to each parameter; ``str()`` is a table."""
+    """What FOAM does to each parameter; ``str()`` is a table.
 
-    rows: list[tuple[str, tuple[int, ...], int, int, int]]
+    ``rows``: ``(name, shape, level, FOAM state bytes, AdamW state bytes, state format)``.
+    """
+
+    rows: list[tuple[str, tuple[int, ...], int, int, int, str]]
 
     @property
     def state_bytes(self) -> int:
@@ -201,25 +204,29 @@ class Explanation:
 
     def __str__(self) -> str:
         lines = [
-            f"{'parameter':<40} {'shape':<18} {'level':>5} {'FOAM state':>12} {'AdamW state':>12}"
+            f"{'parameter':<40} {'shape':<18} {'level':>5} {'format':<7} {'FOAM state':>12} "
+            f"{'AdamW state':>12}"
         ]
-        for name, shape, level, foam, adam in self.rows:
+        for name, shape, level, foam, adam, fmt in self.rows:
             lines.append(
-                f"{name[:40]:<40} {str(list(shape)):<18} {level:>5} {foam:>12,} {adam:>12,}"
+                f"{name[:40]:<40} {str(list(shape)):<18} {level:>5} {fmt:<7} {foam:>12,} "
+                f"{adam:>12,}"
             )
         ratio = self.state_bytes / max(self.adamw_bytes, 1)
         lines.append(
-            f"{'total':<40} {'':<18} {'':>5} {self.state_bytes:>12,} {self.adamw_bytes:>12,}"
-            f"  ({ratio:.1%} of AdamW)"
+            f"{'total':<40} {'':<18} {'':>5} {'':<7} {self.state_bytes:>12,} "
+            f"{self.adamw_bytes:>12,}  ({ratio:.1%} of AdamW)"
         )
         return "\n".join(lines)
 
 
 def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> Explanation:
-    """Which parameters are folded, at what level, and their state bytes against AdamW's.
+    """Which parameters are folded, at what level, in which state format, and their state bytes
+    against AdamW's.
 
-    Bytes are measured from the tensors in ``optimizer.state`` (moments only, not the step);
-    AdamW's are two float32 moments per element (plus the max with amsgrad).
+    Bytes are measured from the tensors in ``optimizer.state`` (moments with their format's
+    side tensors, not the step); AdamW's are two float32 moments per element (plus the max with
+    amsgrad).
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = parameter_names(params, model)
@@ -235,7 +242,6 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
                 if isinstance(t, Tensor) and k != "step"
             )
             adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
-            rows.append(
-                (names.get(id(p), f"group{gi}.param{pi}"), tuple(p.shape), level, foam, adam)
-            )
+            name = names.get(id(p), f"group{gi}.param{pi}")
+            rows.append((name, tuple(p.shape), level, foam, adam, format_of(st).name))
     return Explanation(rows)
