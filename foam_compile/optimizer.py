@@ -23,9 +23,9 @@ from torch import Tensor
 
 from . import backends, checkpoint
 from .families import Family, family_of
-from .hyper import GROUP_DEFAULTS, Hyper
+from .hyper import GROUP_DEFAULTS, Hyper, check_level
 from .reference import folded_shape
-from .state import format_of
+from .state import format_of, get_format
 
 __all__ = ["FOAM", "FOAM_AUTOTUNE", "check_autotune", "check_params"]
 
@@ -262,19 +262,17 @@ class FOAM(torch.optim.Optimizer):
 
         Creates ``p``'s state if it has none yet, as :meth:`set_levels` does.
         """
-        from .state import get_format
-
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
         if group is None:
             raise ValueError(
                 f"_set_layout: a tensor of shape {list(p.shape)} is not in this optimizer"
             )
         fmt = None if state_format is None else get_format(state_format, "_set_layout")
-        if level is not None and (isinstance(level, bool) or not 0 <= int(level) <= 16):
-            raise ValueError(f"_set_layout: invalid level {level!r}; use an int in [0, 16]")
+        if level is not None:
+            level = check_level(level, "_set_layout", auto=False)
         state = self.state[p]
         if not state:
-            state.update(self._new_state(p, group, None if level is None else int(level), fmt))
+            state.update(self._new_state(p, group, level, fmt))
             return
         moments = self.foam_family.moments(self.foam_family.hyper(group))
         new = checkpoint.relayout(p, state, moments, level=level, fmt=fmt)
