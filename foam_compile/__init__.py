@@ -11,6 +11,7 @@ error naming ``foam_compile.convert`` instead of failing on the folded shapes.
 
 import importlib
 
+from . import formats  # noqa: F401  (registers the int8/int4 state formats; torch only)
 from .convert import convert, explain, export_adamw_state_dict, is_converted
 from .guard import install_folded_state_guard
 from .optimizer import FOAM

@@ -5,7 +5,8 @@
 * state from elsewhere into FOAM (:func:`to_foam_state`): a stock AdamW/Adam state (full-size
   moments, folded here), a FOAM checkpoint (checked against the parameter), a ``step`` saved as
   a plain number (older torch) made a tensor;
-* a changed level (:func:`relevel`): deeper keeps block means, shallower spreads them;
+* a changed level (:func:`relevel`): deeper keeps block means, shallower spreads them; a changed
+  level and/or state format (:func:`relayout`): decoded, refolded, encoded in the new format;
 * a FOAM optimizer out to a stock AdamW/Adam checkpoint (:func:`export_adamw_state_dict`);
 * a whole ``state_dict`` checked against an optimizer before anything changes
   (:func:`prepare_load`).
@@ -31,6 +32,7 @@ __all__ = [
     "export_adamw_state_dict",
     "new_state",
     "prepare_load",
+    "relayout",
     "relevel",
     "step_device",
     "step_tensor",
@@ -104,12 +106,14 @@ def to_foam_state(
     fmt: StateFormat | None = None,
     where: str = "FOAM",
     what: str = "a parameter",
+    migrate: bool = False,
 ) -> dict:
     """``st`` (stock or FOAM) as a FOAM state for ``p``; raises ``ValueError`` if it cannot be.
 
     A stock state (no ``foam_level``) has full-size moments: they are folded at ``level`` (the
     parameter's effective level is used) and encoded in ``fmt`` (default ``fp32``). A FOAM state
-    keeps its own level and format and is checked against ``p``. A numeric ``step`` becomes a
+    is checked against ``p`` and keeps its own level and format, unless ``migrate``: then it is
+    moved to ``level`` and ``fmt`` (if given) by :func:`relayout`. A numeric ``step`` becomes a
     tensor. Error messages start with ``where`` and name the parameter as ``what``.
     """
     st = dict(st)
@@ -125,6 +129,8 @@ def to_foam_state(
                         f"{st['foam_level']}). Was the checkpoint saved for a different model "
                         "or fold level?"
                     )
+        if migrate:
+            st = relayout(p, st, moments, level=level, fmt=fmt)
     else:
         fmt = fmt or get_format(DEFAULT_FORMAT)
         level = effective_level(p.shape, level)
@@ -142,17 +148,41 @@ def relevel(p: Tensor, st: dict, level: int, moments: Moments) -> dict:
     Going deeper (``new >= old``) keeps the moments' block means; going shallower unfolds them
     (each element gets its block's mean). The format is kept.
     """
-    fmt = format_of(st)
-    level = effective_level(p.shape, level)
-    old = st["foam_level"]
-    n = p.shape[-1] if p.dim() else 1
+    return relayout(p, st, moments, level=level)
+
+
+def relayout(
+    p: Tensor,
+    st: dict,
+    moments: Moments,
+    *,
+    level: int | None = None,
+    fmt: StateFormat | None = None,
+) -> dict:
+    """``st`` moved to another ``level`` and/or state format ``fmt`` (``None``: keep it).
+
+    Each moment is decoded, unfolded to full size and folded again if the level changes
+    (:func:`relevel`'s rule), and encoded in the new format; the old format's side tensors are
+    dropped. Unchanged level and format return a copy of ``st`` with the same tensors.
+    """
+    old_fmt, old = format_of(st), st["foam_level"]
+    fmt = old_fmt if fmt is None else fmt
+    level = old if level is None else effective_level(p.shape, level)
     out = dict(st)
+    if level == old and fmt.name == old_fmt.name:
+        return out
+    n = p.shape[-1] if p.dim() else 1
     for key, kind in moments:
-        if key in st:
-            full = unfold(fmt.decode(st, key, kind, p), old, n)
-            out.update(fmt.encode(fold(full, level), p, key, kind))
+        if key not in st:
+            continue
+        value = old_fmt.decode(st, key, kind, p)
+        if level != old:
+            value = fold(unfold(value, old, n), level)
+        for part in old_fmt.keys(key):
+            out.pop(part, None)
+        out.update(fmt.encode(value, p, key, kind))
     out["foam_level"] = level
-    return out
+    return _with_format(out, fmt)
 
 
 def export_adamw_state_dict(optimizer: torch.optim.Optimizer) -> dict:

@@ -36,7 +36,7 @@ from .optimizer import (
 )
 from .policy import KEEP_UNFOLDED, overrides
 from .reference import effective_level
-from .state import DEFAULT_FORMAT, get_format
+from .state import DEFAULT_FORMAT, format_of, get_format
 from .tensor_lr import make_lrs_tensors
 
 __all__ = [
@@ -271,12 +271,12 @@ def _rebind_scheduler_wrapper(opt: torch.optim.Optimizer) -> None:
 class Explanation:
     """What FOAM does to each parameter; ``str()`` is a table.
 
-    ``rows``: ``(name, shape, level, FOAM state bytes, AdamW state bytes)``. A parameter without
-    state yet (frozen, or no gradient so far) shows the level its state will get and 0 bytes on
-    both sides: AdamW would hold none for it either.
+    ``rows``: ``(name, shape, level, FOAM state bytes, AdamW state bytes, state format)``. A
+    parameter without state yet (frozen, or no gradient so far) shows the level and format its
+    state will get and 0 bytes on both sides: AdamW would hold none for it either.
     """
 
-    rows: list[tuple[str, tuple[int, ...], int, int, int]]
+    rows: list[tuple[str, tuple[int, ...], int, int, int, str]]
     without_state: int = 0
 
     @property
@@ -289,16 +289,18 @@ class Explanation:
 
     def __str__(self) -> str:
         lines = [
-            f"{'parameter':<40} {'shape':<18} {'level':>5} {'FOAM state':>12} {'AdamW state':>12}"
+            f"{'parameter':<40} {'shape':<18} {'level':>5} {'format':<7} {'FOAM state':>12} "
+            f"{'AdamW state':>12}"
         ]
-        for name, shape, level, foam, adam in self.rows:
+        for name, shape, level, foam, adam, fmt in self.rows:
             lines.append(
-                f"{name[:40]:<40} {str(list(shape)):<18} {level:>5} {foam:>12,} {adam:>12,}"
+                f"{name[:40]:<40} {str(list(shape)):<18} {level:>5} {fmt:<7} {foam:>12,} "
+                f"{adam:>12,}"
             )
         ratio = self.state_bytes / max(self.adamw_bytes, 1)
         lines.append(
-            f"{'total':<40} {'':<18} {'':>5} {self.state_bytes:>12,} {self.adamw_bytes:>12,}"
-            f"  ({ratio:.1%} of AdamW)"
+            f"{'total':<40} {'':<18} {'':>5} {'':<7} {self.state_bytes:>12,} "
+            f"{self.adamw_bytes:>12,}  ({ratio:.1%} of AdamW)"
         )
         if self.without_state:
             lines.append(
@@ -309,11 +311,12 @@ class Explanation:
 
 
 def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> Explanation:
-    """Which parameters are folded, at what level, and their state bytes against AdamW's.
+    """Which parameters are folded, at what level, in which state format, and their state bytes
+    against AdamW's.
 
-    Bytes are measured from the tensors in ``optimizer.state`` (moments only, not the step);
-    AdamW's are two float32 moments per element (plus the max with amsgrad) of the same
-    parameters, those that have state.
+    Bytes are measured from the tensors in ``optimizer.state`` (moments with their format's
+    side tensors, not the step); AdamW's are two float32 moments per element (plus the max with
+    amsgrad) of the same parameters, those that have state.
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = parameter_names(params, model)
@@ -328,8 +331,10 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
             name = names.get(id(p)) or (given[pi] if given else f"group{gi}.param{pi}")
             if not st:
                 without += 1
-                level = level_for(group, pi, p) if isinstance(optimizer, FOAM) else 0
-                rows.append((name, tuple(p.shape), level, 0, 0))
+                is_foam = isinstance(optimizer, FOAM)
+                level = level_for(group, pi, p) if is_foam else 0
+                fmt = format_for(group, pi, DEFAULT_FORMAT) if is_foam else DEFAULT_FORMAT
+                rows.append((name, tuple(p.shape), level, 0, 0, fmt))
                 continue
             foam = sum(
                 local_numel(t) * t.element_size()
@@ -337,5 +342,6 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
                 if isinstance(t, Tensor) and k != "step"
             )
             adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
-            rows.append((name, tuple(p.shape), st.get("foam_level", 0), foam, adam))
+            fmt = format_of(st).name
+            rows.append((name, tuple(p.shape), st.get("foam_level", 0), foam, adam, fmt))
     return Explanation(rows, without)

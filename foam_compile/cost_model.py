@@ -1,7 +1,9 @@
 """What a fold level costs one parameter: state bytes, bytes moved per step, and error.
 
 The byte counts are sympy formulas (ALGORITHM.md "Memory") so that the planner, the reports and
-the docs quote one source; :func:`cost` evaluates them for a concrete parameter. The error side is
+the docs quote one source; :func:`cost` evaluates them for a concrete parameter. A state format
+(:mod:`foam_compile.state`) brings its own per-moment formula, scales included
+(:func:`state_bytes_formula`); :data:`STATE_BYTES` is float32's. The error side is
 measured, not modelled: :class:`ErrorMeter` accumulates from real gradients, for every candidate
 level, the share of gradient energy that lies *inside* blocks, ``||g - unfold(fold(g))||^2 /
 ||g||^2``. That residual is what FOAM's moments forget: fold is linear, so FOAM's folded moments
@@ -20,7 +22,8 @@ import sympy as sp
 import torch
 from torch import Tensor
 
-from .reference import effective_level
+from .reference import effective_level, fold
+from .state import get_format
 
 __all__ = [
     "ROWS",
@@ -47,6 +50,10 @@ __all__ = [
     "white_noise_error",
     "residual_energies",
     "ErrorMeter",
+    "QUANT_ERROR_PRIOR",
+    "MomentMeter",
+    "quantization_errors",
+    "state_bytes_formula",
 ]
 
 # ----------------------------------------------------------------------------------- formulas
@@ -73,11 +80,28 @@ WHITE_NOISE_ERROR = 1 - BLOCKS / N
 _SYMBOLS = (ROWS, N, LEVEL, PARAM_SIZE, GRAD_SIZE, STATE_SIZE, MOMENTS)
 
 
+def state_bytes_formula(state_format: str = "fp32") -> tuple[sp.Expr, sp.Expr]:
+    """``(state bytes, step bytes)`` as sympy expressions for moments stored in ``state_format``.
+
+    The format's ``moment_bytes(rows, blocks, itemsize)`` (codes and scales) for each of the
+    ``k`` moments; a fused step reads and writes every state byte once. ``"fp32"`` gives
+    :data:`STATE_BYTES` and :data:`STEP_BYTES`.
+    """
+    fmt = get_format(state_format, "cost_model")
+    state = MOMENTS * fmt.moment_bytes(ROWS, BLOCKS, STATE_SIZE)
+    return state, ROWS * N * (2 * PARAM_SIZE + GRAD_SIZE) + 2 * state
+
+
 @cache
 def _compiled(name: str):
     # lambdify: evaluating sympy with subs() costs ~100 us; the planner evaluates thousands.
     # 2**-level is a power of two, so ceil(n * 2**-level) is exact in float for n < 2**53.
-    return sp.lambdify(_SYMBOLS, globals()[name], "math")
+    if name.startswith("format:"):
+        _, fmt, which = name.split(":")
+        expr = state_bytes_formula(fmt)[which == "step"]
+    else:
+        expr = globals()[name]
+    return sp.lambdify(_SYMBOLS, expr, "math")
 
 
 def _eval(name: str, rows: int, n: int, level: int, sp_: int, sg: int, ss: int, k: int):
@@ -122,6 +146,7 @@ class Cost:
     adamw_state_bytes: int
     step_bytes: int
     adamw_step_bytes: int
+    state_format: str = "fp32"
 
 
 def cost(
@@ -132,11 +157,13 @@ def cost(
     grad_dtype: torch.dtype | None = None,
     state_dtype: torch.dtype | None = None,
     amsgrad: bool = False,
+    state_format: str = "fp32",
 ) -> Cost:
     """Evaluate every byte formula for a parameter of ``shape`` at ``level``.
 
     ``grad_dtype`` defaults to ``param_dtype``; ``state_dtype`` to float32 (float64 for float64
-    parameters), as the optimizer stores it. AdamW's figures use the same state dtype.
+    parameters), as the optimizer stores it. AdamW's figures use the same state dtype (and
+    float32 moments); FOAM's use ``state_format``'s formula (:func:`state_bytes_formula`).
     """
     shape = tuple(shape)
     level = effective_level(shape, int(level))
@@ -150,14 +177,16 @@ def cost(
         _size(_state_dtype(param_dtype, state_dtype)),
         3 if amsgrad else 2,
     )
+    fmt = "" if state_format == "fp32" else f"format:{state_format}:"
     return Cost(
         shape=shape,
         level=level,
         blocks=-(-n // 2**level),
-        state_bytes=int(_eval("STATE_BYTES", *args)),
+        state_bytes=int(_eval(f"{fmt}state" if fmt else "STATE_BYTES", *args)),
         adamw_state_bytes=int(_eval("ADAMW_STATE_BYTES", *args)),
-        step_bytes=int(_eval("STEP_BYTES", *args)),
+        step_bytes=int(_eval(f"{fmt}step" if fmt else "STEP_BYTES", *args)),
         adamw_step_bytes=int(_eval("ADAMW_STEP_BYTES", *args)),
+        state_format=state_format,
     )
 
 
@@ -281,3 +310,116 @@ class ErrorMeter:
         if energy == 0.0:
             return [0.0] * (self.max_level + 1)
         return [min(float(r) / energy, 1.0) for r in self._residual[key].tolist()]
+
+
+# ------------------------------------------------------------------------ quantization error
+#: Quantization error share of each format for moments nobody measured: the one-shot direction
+#: error of ``benchmarks/quant_codecs.py`` on a byte-level LLaMA's moments, squared
+#: (``benchmarks/RESULTS.md``). Used like :data:`WHITE_NOISE_ERROR`: a prior that knows sizes only.
+QUANT_ERROR_PRIOR = {"fp32": 0.0, "int8": 3e-4, "int4": 4e-2}
+
+
+def _direction(m: Tensor, v: Tensor, bc1: float, bc2: float, eps: float) -> Tensor:
+    """Adam's step direction ``(m / bc1) / (sqrt(v / bc2) + eps)``, float64."""
+    return (m.double() / bc1) / ((v.double().clamp_min(0) / bc2).sqrt() + eps)
+
+
+def _block_counts(n: int, level: int, device) -> Tensor:
+    """Elements in each block of a row at ``level`` (the last block may be partial)."""
+    block = 2**level
+    nb = -(-n // block)
+    return (n - torch.arange(nb, device=device, dtype=torch.float64) * block).clamp(1, block)
+
+
+@torch.no_grad()
+def quantization_errors(
+    m: Tensor,
+    v: Tensor,
+    levels: Iterable[int],
+    formats: Iterable[str],
+    *,
+    step: int,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> dict[tuple[int, str], float]:
+    """Share of Adam's direction energy that storing the folded moments in a format changes.
+
+    ``m``, ``v``: a parameter's full-size (level-0) moments after ``step`` steps (AdamW's, or a
+    :class:`MomentMeter`'s). For each level ``l`` and format ``f``: fold both (FOAM's moments
+    are exactly their block means), encode and decode in ``f`` (nearest rounding), and return
+    ``sum_b c_b (d'_b - d_b)^2 / sum_i D_i^2``: ``d``/``d'`` the direction of the folded moments
+    before/after the round trip, ``c_b`` the elements of block ``b``, ``D`` the level-0
+    direction. Capped at 1. Comparable with the folding residual share and additive with it:
+    the quantization error of a folded moment is constant on each block while the folding
+    residual has zero mean on each block, so the two are orthogonal and their energies add.
+    """
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    total = float((_direction(m, v, bc1, bc2, eps) ** 2).sum())
+    shape = tuple(m.shape)
+    n = shape[-1] if shape else 1
+    out = {}
+    for level in sorted({effective_level(shape, int(lv)) for lv in levels}):
+        mf, vf = fold(m.float(), level), fold(v.float(), level)
+        d = _direction(mf, vf, bc1, bc2, eps)
+        weight = _block_counts(n, level, m.device) if shape else torch.ones((), dtype=torch.float64)
+        for name in formats:
+            if name == "fp32" or total == 0.0:
+                out[(level, name)] = 0.0
+                continue
+            fmt = get_format(name, "quantization_errors")
+            p = torch.empty(shape, device="meta")
+            state = {"foam_level": level}
+            state.update(fmt.encode(mf, p, "exp_avg", "signed"))
+            state.update(fmt.encode(vf, p, "exp_avg_sq", "square"))
+            dq = _direction(
+                fmt.decode(state, "exp_avg", "signed", p),
+                fmt.decode(state, "exp_avg_sq", "square", p),
+                bc1,
+                bc2,
+                eps,
+            )
+            err = float((((dq - d) ** 2) * weight).sum())
+            out[(level, name)] = min(err / total, 1.0)
+    return out
+
+
+class MomentMeter:
+    """Adam's moments of each parameter over the calibration gradients, for
+    :func:`quantization_errors` when no optimizer holds them (:func:`foam_compile.plan`).
+
+    Keeps two float32 tensors per parameter (AdamW's state) until it is dropped.
+    """
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self._m: dict[Hashable, Tensor] = {}
+        self._v: dict[Hashable, Tensor] = {}
+        self._steps: dict[Hashable, int] = {}
+
+    @torch.no_grad()
+    def update(self, key: Hashable, grad: Tensor) -> None:
+        g = (grad.to_dense() if grad.is_sparse else grad).detach().float()
+        if key not in self._m:
+            self._m[key], self._v[key] = torch.zeros_like(g), torch.zeros_like(g)
+        self._m[key].lerp_(g, 1 - self.beta1)
+        self._v[key].mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        self._steps[key] = self._steps.get(key, 0) + 1
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._m
+
+    def errors(self, key, levels, formats) -> dict[tuple[int, str], float] | None:
+        """:func:`quantization_errors` of ``key``'s moments (``None`` if never fed)."""
+        if key not in self._m:
+            return None
+        return quantization_errors(
+            self._m[key],
+            self._v[key],
+            levels,
+            formats,
+            step=self._steps[key],
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+        )

@@ -411,6 +411,32 @@ class FOAM(torch.optim.Optimizer):
                 state.clear()
                 state.update(new)
 
+    @torch.no_grad()
+    def _set_layout(self, p: Tensor, *, level: int | None = None, state_format=None) -> None:
+        """Internal (until ``state_format=`` is an option everywhere): record that ``p``'s
+        moments live at ``level`` and in the state format named ``state_format`` (``None``:
+        keep), and re-encode the state it already has. Without state, the choice is honoured
+        when the first gradient creates it."""
+        where = next(
+            ((g, i) for g in self.param_groups for i, q in enumerate(g["params"]) if q is p), None
+        )
+        if where is None:
+            raise ValueError(
+                f"_set_layout: a tensor of shape {list(p.shape)} is not in this optimizer"
+            )
+        group, index = where
+        fmt = None if state_format is None else get_format(state_format, "_set_layout")
+        if level is not None:
+            level = check_level(level, "_set_layout", auto=False)
+        chosen = {"level": level, "format": None if fmt is None else fmt.name}
+        layout.record(group, index, **{k: v for k, v in chosen.items() if v is not None})
+        state = self.state.get(p)
+        if state:
+            moments = self.foam_family.moments(self.foam_family.hyper(group))
+            new = checkpoint.relayout(p, state, moments, level=level, fmt=fmt)
+            state.clear()
+            state.update(new)
+
     # -------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a FOAM checkpoint, or a stock AdamW/Adam one (its full-size moments are folded

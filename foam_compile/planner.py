@@ -1,15 +1,18 @@
-"""Choosing a fold level per parameter: a multiple-choice knapsack over measured errors.
+"""Choosing a fold level and a state format per parameter: a multiple-choice knapsack.
 
-Each parameter picks exactly one level; a level costs optimizer-state bytes
-(:mod:`foam_compile.cost_model`) and loses the gradient energy inside its blocks
-(:class:`~foam_compile.cost_model.ErrorMeter`). :func:`plan` minimises the total error under a
-memory budget, or the memory under an error bound. The solver is a dynamic programme over a byte
-axis; see :func:`_solve` for what it guarantees.
+Each parameter picks exactly one ``(level, format)``; it costs optimizer-state bytes (the sympy
+formulas of :mod:`foam_compile.cost_model`, the formats' scales included) and an error: the
+gradient energy inside its blocks (:class:`~foam_compile.cost_model.ErrorMeter`) plus the share
+of Adam's direction that storing the folded moments in the format changes
+(:func:`~foam_compile.cost_model.quantization_errors`; the two are orthogonal, so their shares
+add). :func:`plan` minimises the total error under a memory budget, or the memory under an error
+bound. The solver is a dynamic programme over a byte axis; see :func:`_solve` for what it
+guarantees. By default only ``"fp32"`` is offered (``formats=`` widens the choice).
 
-The total error is the element-weighted mean of the per-parameter residual shares,
-``sum_p numel_p * e_p(level_p) / sum_p numel_p`` over the planned parameters (each tensor once):
-Adam normalises per element, so every element's moment quality counts alike, however large the
-layer's gradients.
+The total error is the element-weighted mean of the per-parameter shares,
+``sum_p numel_p * e_p(level_p, format_p) / sum_p numel_p`` over the planned parameters (each
+tensor once): Adam normalises per element, so every element's moment quality counts alike,
+however large the layer's gradients.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import Tensor, nn
 
-from .cost_model import ErrorMeter, cost, max_useful_level, white_noise_error
+from .cost_model import (
+    QUANT_ERROR_PRIOR,
+    ErrorMeter,
+    MomentMeter,
+    cost,
+    max_useful_level,
+    white_noise_error,
+)
 from .policy import KEEP_UNFOLDED  # the paper's recipe: embeddings, the output head, norms
 
 __all__ = [
@@ -62,8 +72,13 @@ class PlanEntry:
     adamw_state_bytes: int
     step_bytes: int
     adamw_step_bytes: int
-    error: float  # residual share at ``level`` (measured, or the white-noise prior)
+    error: float  # fold_error + quant_error
     why: str  # "planned", "measured" ..., or why the level was not planned
+    state_format: str
+    fold_error: float  # residual share at ``level`` (measured, or the white-noise prior)
+    quant_error: float  # direction share the format changes (measured, or the format's prior)
+    quant_measured: bool  # False: quant_error is cost_model.QUANT_ERROR_PRIOR's
+    tradeoff: str  # how the chosen option compares with this tensor's neighbouring options
     param: Tensor = field(repr=False)
 
 
@@ -83,14 +98,29 @@ class Plan:
         """Parameter name -> level, every name of a tied tensor included."""
         return {a: e.level for e in self.entries for a in e.aliases}
 
+    @property
+    def formats(self) -> dict[str, str]:
+        """Parameter name -> state format, every name of a tied tensor included."""
+        return {a: e.state_format for e in self.entries for a in e.aliases}
+
     def levels_by_param(self) -> dict[Tensor, int]:
         """Tensor -> level, one key per tensor: what ``FOAM.set_levels`` takes."""
         return {e.param: e.level for e in self.entries}
 
+    def layouts_by_param(self) -> dict[Tensor, tuple[int, str]]:
+        """Tensor -> ``(level, state format)``, one key per tensor."""
+        return {e.param: (e.level, e.state_format) for e in self.entries}
+
     def apply(self, optimizer) -> None:
-        """``optimizer.set_levels(levels_by_param())`` for the tensors the optimizer holds."""
+        """Move the tensors the optimizer holds to their planned levels (and formats)."""
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        optimizer.set_levels({p: lv for p, lv in self.levels_by_param().items() if id(p) in held})
+        if all(e.state_format == "fp32" for e in self.entries):
+            levels = self.levels_by_param().items()
+            optimizer.set_levels({p: lv for p, lv in levels if id(p) in held})
+            return
+        for p, (level, fmt) in self.layouts_by_param().items():  # internal until phase 2
+            if id(p) in held:
+                optimizer._set_layout(p, level=level, state_format=fmt)
 
     @property
     def state_bytes(self) -> int:
@@ -107,22 +137,26 @@ class Plan:
 
     @property
     def error(self) -> float:
-        """Element-weighted mean residual share over the planned tensors."""
+        """Element-weighted mean error share (folding + quantization) over the planned tensors."""
         total = sum(e.numel for e in self.entries)
         return sum(e.numel * e.error for e in self.entries) / max(total, 1)
 
     def report(self) -> str:
-        """A table: name, shape, level, state bytes, AdamW's, error, why; then the totals."""
-        head = ("name", "shape", "level", "state B", "AdamW B", "error", "why")
+        """A table: name, shape, level, format, state bytes, AdamW's, the errors, and why that
+        ``(level, format)``; then the totals."""
+        head = ("name", "shape", "level", "format", "state B", "AdamW B", "fold err")
+        head += ("quant err", "why")
         rows = [
             (
                 " | ".join(e.aliases),
                 "x".join(map(str, e.shape)) or "scalar",
                 str(e.level),
+                e.state_format,
                 f"{e.state_bytes:,}",
                 f"{e.adamw_state_bytes:,}",
-                f"{e.error:.4f}",
-                e.why,
+                f"{e.fold_error:.4f}",
+                f"{e.quant_error:.4f}",
+                f"{e.why}; {e.tradeoff}" if e.tradeoff else e.why,
             )
             for e in self.entries
         ]
@@ -130,7 +164,7 @@ class Plan:
 
         def line(cells):  # text columns left-aligned, numbers right-aligned
             return "  ".join(
-                c.ljust(w) if i in (0, 1, 6) else c.rjust(w)
+                c.ljust(w) if i in (0, 1, 3, 8) else c.rjust(w)
                 for i, (c, w) in enumerate(zip(cells, widths))
             ).rstrip()
 
@@ -151,6 +185,9 @@ class Plan:
         prior = sum(e.why == "planned (prior)" for e in self.entries)
         if prior:
             calib += f"; {prior} tensors unmeasured (white-noise prior)"
+        qprior = sum(not e.quant_measured for e in self.entries)
+        if qprior:
+            calib += f"; {qprior} quantization errors from the formats' priors"
         return "\n".join(
             [
                 line(head),
@@ -159,7 +196,8 @@ class Plan:
                 "",
                 f"state: {_human(self.state_bytes)} vs AdamW {_human(self.adamw_state_bytes)} "
                 f"({self.state_fraction:.1%}); {', '.join(limits)}",
-                f"error: {self.error:.4f} (element-weighted mean residual share); {calib}",
+                f"error: {self.error:.4f} (element-weighted mean of the folding residual share "
+                f"plus the quantization share); {calib}",
                 f"bytes moved per fused step: {_human(step)} vs AdamW {_human(adamw_step)}",
                 f"solver: {solver}",
             ]
@@ -206,7 +244,7 @@ def _solve(
     cells = [[-(-x // unit) for x in xs] for xs in extra]
     size = sum(max(c) for c in cells) + 1
     f = np.zeros(size)
-    choice = np.zeros((len(options), size), dtype=np.int8)
+    choice = np.zeros((len(options), size), dtype=np.int16)
     for i, opts in enumerate(options):
         new = np.full(size, np.inf)
         for j, w in enumerate(cells[i]):
@@ -257,18 +295,27 @@ def plan_params(
     amsgrad: bool = False,
     resolution: int = 1 << 16,
     calibration_steps: int = 0,
+    formats: Iterable[str] = ("fp32",),
+    quant_errors: MomentMeter | Mapping[str, Mapping[tuple[int, str], float]] | None = None,
 ) -> Plan:
-    """Plan levels for ``(name, param)`` pairs from already-measured errors.
+    """Plan levels (and state formats) for ``(name, param)`` pairs from measured errors.
 
     The same tensor may appear under several names (tied weights; or one name ``"a|b"``): it is
     planned once, counted once and gets one level. ``errors`` maps a name to the residual share
     per level ``0..L`` (an :class:`ErrorMeter`, or a plain mapping); tensors with no entry use
     :func:`~foam_compile.cost_model.white_noise_error`. Rules, strongest first:
 
-    - ``fixed`` (name -> level) pins a tensor;
+    - ``fixed`` (name -> level) pins a tensor's level;
     - 0-d/1-d tensors, tensors in ``keep``, and names matching ``keep_unfolded`` run at level 0,
       unless a name matches ``fold_anyway``;
     - everything else chooses from ``levels``, each capped at ``ceil(log2 n)``.
+
+    Each tensor of 2 dims or more also chooses its state format from ``formats`` (registered
+    names, e.g. ``("fp32", "int8", "int4")``); 0-d/1-d tensors stay ``"fp32"`` (they are tiny,
+    and FSDP2 shards their only dim, which would split a format's groups). A format's error is
+    ``quant_errors[name][(level, format)]`` (a :class:`~foam_compile.cost_model.MomentMeter` or a
+    mapping), else :data:`~foam_compile.cost_model.QUANT_ERROR_PRIOR`; it adds to the residual
+    share (see :func:`~foam_compile.cost_model.quantization_errors` for why they add).
 
     ``budget``: FOAM's state as a fraction of AdamW's (same float32 state dtype) over all the
     tensors given, kept ones included. ``max_error``: bound on the element-weighted mean share.
@@ -280,39 +327,33 @@ def plan_params(
     levels = sorted({int(lv) for lv in levels})
     if not levels or levels[0] < 0:
         raise ValueError(f"plan: levels must be non-negative ints, got {levels}")
-    keep_ids = {id(t) for t in keep}
-    keep_re = [re.compile(p) for p in keep_unfolded]
-    fold_re = [re.compile(p) for p in fold_anyway]
-    fixed = dict(fixed or {})
+    formats = _check_formats(formats)
+    rules = _Rules(keep, keep_unfolded, fold_anyway, fixed, formats)
 
     tensors: dict[int, tuple[list[str], Tensor]] = {}
     for name, p in named_params:
         names = tensors.setdefault(id(p), ([], p))[0]
         names += [a for a in name.split("|") if a not in names]
-    top = max([levels[-1], *fixed.values()])
+    top = max([levels[-1], *rules.fixed.values()])
 
-    entries, free = [], []  # free: (index in entries, candidate levels, options, shares)
+    entries, free = [], []  # free: (index in entries, options [(level, fmt)], (bytes, error))
     for names, p in tensors.values():
         shape = tuple(p.shape)
         shares, measured = _errors_for(errors, names, shape, top)
-        pinned = next((fixed[a] for a in names if a in fixed), None)
-        forced = any(r.search(a) for r in fold_re for a in names)
-        if pinned is not None:
-            cands, why = [int(pinned)], "fixed"
-        elif len(shape) < 2:
-            cands, why = [0], f"{len(shape)}-d"
-        elif not forced and id(p) in keep_ids:
-            cands, why = [0], "kept: module"
-        elif not forced and any(r.search(a) for r in keep_re for a in names):
-            cands, why = [0], "kept: name"
-        else:
-            cands = sorted({min(lv, max_useful_level(shape)) for lv in levels})
-            why = "planned" if measured else "planned (prior)"
-        entries.append(_entry(names, p, cands[0], shares, why, amsgrad))
-        if len(cands) > 1:
-            costs = [cost(shape, lv, param_dtype=p.dtype, amsgrad=amsgrad) for lv in cands]
-            opts = [(c.state_bytes, p.numel() * shares[lv]) for c, lv in zip(costs, cands)]
-            free.append((len(entries) - 1, cands, opts, shares))
+        cands, fmts, why = rules.candidates(names, p, levels, measured)
+        quant = _quant_for(quant_errors, names, p, cands, fmts)
+        options = [(lv, f) for lv in cands for f in fmts]
+        entries.append(_entry(names, p, options[0], shares, quant, why, amsgrad))
+        if len(options) > 1:
+            costs = [
+                cost(shape, lv, param_dtype=p.dtype, amsgrad=amsgrad, state_format=f)
+                for lv, f in options
+            ]
+            opts = [
+                (c.state_bytes, p.numel() * (shares[lv] + quant[(c.level, f)]))
+                for c, (lv, f) in zip(costs, options)
+            ]
+            free.append((len(entries) - 1, options, opts, shares, quant))
 
     adamw = sum(e.adamw_state_bytes for e in entries)
     numel = max(sum(e.numel for e in entries), 1)
@@ -335,11 +376,97 @@ def plan_params(
         raise ValueError(
             f"plan: no plan meets budget={budget}, max_error={max_error}: {why}"
         ) from None
-    for (i, cands, _, shares), j in zip(free, picked):
+    for (i, layouts, opts, shares, quant), j in zip(free, picked):
         e = entries[i]
-        entries[i] = _entry(list(e.aliases), e.param, cands[j], shares, e.why, amsgrad)
+        trade = _tradeoff(layouts, opts, j, e.numel)
+        entries[i] = _entry(list(e.aliases), e.param, layouts[j], shares, quant, e.why, amsgrad)
+        entries[i].tradeoff = trade
     slack = 0 if exact else len(free) * unit
     return Plan(entries, budget, max_error, calibration_steps, exact, slack)
+
+
+def _check_formats(formats: Iterable[str]) -> list[str]:
+    from .state import get_format
+
+    formats = list(dict.fromkeys(formats))
+    if not formats:
+        raise ValueError("plan: formats must name at least one state format, e.g. ('fp32',)")
+    for name in formats:
+        get_format(name, "plan")
+        if name not in QUANT_ERROR_PRIOR:
+            raise ValueError(
+                f"plan: no error prior for state_format={name!r}; add it to "
+                "cost_model.QUANT_ERROR_PRIOR (measured as benchmarks/quant_codecs.py does)"
+            )
+    return formats
+
+
+class _Rules:
+    """Which levels and formats a tensor may take, and why (``plan_params``' rules)."""
+
+    def __init__(self, keep, keep_unfolded, fold_anyway, fixed, formats):
+        self.formats = formats
+        self.keep_ids = {id(t) for t in keep}
+        self.keep_re = [re.compile(p) for p in keep_unfolded]
+        self.fold_re = [re.compile(p) for p in fold_anyway]
+        self.fixed = dict(fixed or {})
+
+    def candidates(self, names, p, levels, measured) -> tuple[list[int], list[str], str]:
+        shape = tuple(p.shape)
+        pinned = next((self.fixed[a] for a in names if a in self.fixed), None)
+        forced = any(r.search(a) for r in self.fold_re for a in names)
+        if pinned is not None:
+            return [int(pinned)], self.formats, "fixed"
+        if len(shape) < 2:
+            return [0], ["fp32"], f"{len(shape)}-d"
+        if not forced and id(p) in self.keep_ids:
+            return [0], self.formats, "kept: module"
+        if not forced and any(r.search(a) for r in self.keep_re for a in names):
+            return [0], self.formats, "kept: name"
+        cands = sorted({min(lv, max_useful_level(shape)) for lv in levels})
+        return cands, self.formats, "planned" if measured else "planned (prior)"
+
+
+def _quant_for(quant_errors, names, p, cands, fmts) -> dict:
+    """``(level, format) -> quantization share`` for one tensor: measured, else the prior (the
+    key ``"measured"`` says which)."""
+    shape = tuple(p.shape)
+    found = None
+    if quant_errors is not None:
+        key = next((a for a in names if a in quant_errors), None)
+        if key is not None:
+            if isinstance(quant_errors, MomentMeter):
+                found = quant_errors.errors(key, cands, fmts)
+            else:
+                found = quant_errors[key]
+    out = {"measured": found is not None}
+    for lv in cands:
+        level = lv if len(shape) >= 2 else 0
+        for f in fmts:
+            measured = None if found is None else found.get((level, f))
+            out[(level, f)] = QUANT_ERROR_PRIOR[f] if measured is None else float(measured)
+    return out
+
+
+def _tradeoff(layouts, opts, j, numel) -> str:
+    """Why option ``j`` and not its neighbours: the best cheaper one and the cheapest better one."""
+    b, e = opts[j]
+    cheaper = [(e2, i) for i, (b2, e2) in enumerate(opts) if b2 < b]
+    better = [(b2, i) for i, (b2, e2) in enumerate(opts) if e2 < e]
+    said = []
+    if cheaper:
+        i = min(cheaper)[1]
+        more = (opts[i][1] - e) / numel
+        said.append(f"{_layout(layouts[i])} saves {_human(b - opts[i][0])} for +{more:.4f}")
+    if better:
+        i = min(better)[1]
+        less = (e - opts[i][1]) / numel
+        said.append(f"{_layout(layouts[i])} costs {_human(opts[i][0] - b)} for -{less:.4f}")
+    return "; ".join(said) if said else "cheapest and best"
+
+
+def _layout(layout: tuple[int, str]) -> str:
+    return f"L{layout[0]}/{layout[1]}"
 
 
 def _errors_for(errors, names, shape, top) -> tuple[list[float], bool]:
@@ -361,8 +488,11 @@ def _errors_for(errors, names, shape, top) -> tuple[list[float], bool]:
     return found + [found[-1]] * (top + 1 - len(found)), True
 
 
-def _entry(names, p, level, shares, why, amsgrad) -> PlanEntry:
-    c = cost(p.shape, level, param_dtype=p.dtype, amsgrad=amsgrad)
+def _entry(names, p, layout, shares, quant, why, amsgrad) -> PlanEntry:
+    level, fmt = layout
+    c = cost(p.shape, level, param_dtype=p.dtype, amsgrad=amsgrad, state_format=fmt)
+    fold_error = shares[min(c.level, len(shares) - 1)]
+    quant_error = quant.get((c.level, fmt), 0.0)
     return PlanEntry(
         name=names[0],
         aliases=tuple(names),
@@ -373,8 +503,13 @@ def _entry(names, p, level, shares, why, amsgrad) -> PlanEntry:
         adamw_state_bytes=c.adamw_state_bytes,
         step_bytes=c.step_bytes,
         adamw_step_bytes=c.adamw_step_bytes,
-        error=shares[min(c.level, len(shares) - 1)],
+        error=fold_error + quant_error,
         why=why,
+        state_format=fmt,
+        fold_error=fold_error,
+        quant_error=quant_error,
+        quant_measured=quant["measured"] or fmt == "fp32",
+        tradeoff="",
         param=p,
     )
 
@@ -407,15 +542,19 @@ def calibrate_meter(
     steps: int = 8,
     max_level: int = 8,
     meter: ErrorMeter | None = None,
+    moments: MomentMeter | None = None,
 ) -> ErrorMeter:
     """Measure residual shares from ``model``'s gradients.
 
     ``calibrate`` is either a callable, run exactly ``steps`` times as ``calibrate(model)`` (one
     forward and backward each; every ``.grad`` is cleared before each call and the user's grads
     are put back afterwards; no optimizer step runs, so all steps see the current weights), or
-    an iterable of ``{name: grad}`` mappings, each fed once (``steps`` is ignored).
+    an iterable of ``{name: grad}`` mappings, each fed once (``steps`` is ignored). ``moments``,
+    if given, is fed the same gradients (for the formats' quantization errors).
     """
     meter = ErrorMeter(max_level) if meter is None else meter
+    if moments is not None:
+        meter = _Both(meter, moments)
     named = _canonical(_model_params(model, None)[0])
     if not callable(calibrate):
         first = {id(p): c for c, p in named}
@@ -438,7 +577,26 @@ def calibrate_meter(
     finally:
         for p, g in saved:
             p.grad = g
-    return meter
+    return meter.errors_meter if isinstance(meter, _Both) else meter
+
+
+class _Both:
+    """Feeds an :class:`ErrorMeter` and a :class:`MomentMeter` the same gradients."""
+
+    def __init__(self, errors_meter: ErrorMeter, moments: MomentMeter):
+        self.errors_meter, self.moments = errors_meter, moments
+
+    def update(self, key, grad) -> None:
+        self.errors_meter.update(key, grad)
+        self.moments.update(key, grad)
+
+    def update_from(self, named) -> int:
+        fed = 0
+        for key, p in named:
+            if p.grad is not None:
+                self.update(key, p.grad)
+                fed += 1
+        return fed
 
 
 def plan(
@@ -458,8 +616,10 @@ def plan(
     fixed: Mapping[str, int] | None = None,
     amsgrad: bool = False,
     resolution: int = 1 << 16,
+    formats: Iterable[str] = ("fp32",),
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> Plan:
-    """Choose a fold level for every trainable parameter of ``model``.
+    """Choose a fold level (and a state format) for every trainable parameter of ``model``.
 
     ``budget``: FOAM's optimizer state as a fraction of AdamW's float32 state over these
     parameters (kept ones included); the plan minimises the error within it. ``max_error``:
@@ -469,14 +629,20 @@ def plan(
     mappings, or a filled :class:`ErrorMeter`; ``None`` plans on the white-noise prior, which
     only knows sizes. Embeddings and norms (``keep_modules``) and names matching
     ``keep_unfolded`` stay at level 0 unless they match ``fold_anyway``; ``fixed`` pins levels
-    by name; tied weights get one level and count once. Other arguments: :func:`plan_params`.
+    by name; tied weights get one level and count once. ``formats``: the state formats to
+    choose from; with any but ``"fp32"``, a callable or mapping ``calibrate`` also accumulates
+    Adam's moments (``betas``; two float32 tensors per parameter while planning) to measure
+    each format's quantization error, else the formats' priors are used. Other arguments:
+    :func:`plan_params`.
     """
     levels = list(levels)
     named, keep = _model_params(model, keep_modules)
+    measure = not isinstance(calibrate, ErrorMeter) and calibrate is not None
+    moments = MomentMeter(*betas) if measure and set(formats) - {"fp32"} else None
     meter = (
-        calibrate
-        if isinstance(calibrate, ErrorMeter) or calibrate is None
-        else (calibrate_meter(model, calibrate, steps=steps, max_level=max(levels)))
+        calibrate_meter(model, calibrate, steps=steps, max_level=max(levels), moments=moments)
+        if measure
+        else calibrate
     )
     done = 0 if meter is None else max((meter.steps(k) for k in meter.keys()), default=0)
     return plan_params(
@@ -492,6 +658,8 @@ def plan(
         amsgrad=amsgrad,
         resolution=resolution,
         calibration_steps=done,
+        formats=formats,
+        quant_errors=moments,
     )
 
 
@@ -502,8 +670,10 @@ class AutoTuner:
     this step's gradient. It returns ``None`` until ``steps`` gradients were seen, then the
     :class:`Plan` (once); the optimizer applies it with ``set_levels(plan.levels_by_param())``
     before updating, so that step already runs at the planned levels. Only a few scalars per
-    parameter are kept meanwhile. Planning arguments as :func:`plan_params`; with ``model``,
-    names and the module rule come from it.
+    parameter are kept meanwhile, unless ``formats`` offers more than ``"fp32"``: then Adam's
+    moments (``betas``) are accumulated too, for the formats' quantization errors, and dropped
+    once planned. Planning arguments as :func:`plan_params`; with ``model``, names and the
+    module rule come from it.
     """
 
     def __init__(
@@ -513,6 +683,7 @@ class AutoTuner:
         steps: int = 8,
         model: nn.Module | None = None,
         keep_modules: Callable[[nn.Module], bool] | None = keeps_module,
+        betas: tuple[float, float] = (0.9, 0.999),
         **plan_kw,
     ):
         if steps < 1:
@@ -529,6 +700,8 @@ class AutoTuner:
             raise ValueError("AutoTuner: give budget= and/or max_error=")
         self.steps = steps
         self.meter = ErrorMeter(max(self.plan_kw.get("levels", DEFAULT_LEVELS)))
+        quantized = set(self.plan_kw.get("formats", ("fp32",))) - {"fp32"}
+        self.moments = MomentMeter(*betas) if quantized else None
         self.seen = 0
         self.plan: Plan | None = None
 
@@ -541,11 +714,17 @@ class AutoTuner:
         if self.done:
             return None
         named = _canonical(self.named_params)
-        if self.meter.update_from(named):
+        feed = self.meter if self.moments is None else _Both(self.meter, self.moments)
+        if feed.update_from(named):
             self.seen += 1
         if self.seen < self.steps:
             return None
         self.plan = plan_params(
-            self.named_params, self.meter, calibration_steps=self.seen, **self.plan_kw
+            self.named_params,
+            self.meter,
+            calibration_steps=self.seen,
+            quant_errors=self.moments,
+            **self.plan_kw,
         )
+        self.moments = None  # AdamW-sized: drop it once planned
         return self.plan
