@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .distributed import fold, unfold
+from .master_weights import RHO_KEY, check_rho
 from .reference import effective_level, folded_shape
 from .state import DEFAULT_FORMAT, StateFormat, format_of, get_format
 
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 Moments = Sequence[tuple[str, str]]  # (state key, kind), as families.Family.moments gives them
-FOAM_KEYS = ("foam_level", "foam_format")
+FOAM_KEYS = ("foam_level", "foam_format", RHO_KEY)  # a stock AdamW has no correction bits
 
 
 def describe(p: Tensor, gi: int, pi: int) -> str:
@@ -108,9 +109,12 @@ def to_foam_state(
     A stock state (no ``foam_level``) has full-size moments: they are folded at ``level`` (the
     parameter's effective level is used) and encoded in ``fmt`` (default ``fp32``). A FOAM state
     keeps its own level and format and is checked against ``p``. A numeric ``step`` becomes a
-    tensor. Error messages start with ``where`` and name the parameter as ``what``.
+    tensor. A parameter's correction bits (``master_rho``) are checked against it and kept.
+    Error messages start with ``where`` and name the parameter as ``what``.
     """
     st = dict(st)
+    if RHO_KEY in st:
+        check_rho(p, st[RHO_KEY], where, what)
     if "foam_level" in st:
         fmt_saved = get_format(st.get("foam_format", DEFAULT_FORMAT), where)
         shape = folded_shape(p.shape, st["foam_level"])
@@ -234,4 +238,6 @@ def prepare_load(
         new_states[sid] = st
         fmt = format_of(st)
         tensors[p] = {part: st[part] for key, _ in moments if key in st for part in fmt.keys(key)}
+        if RHO_KEY in st:  # torch would cast the integer correction to the parameter's dtype
+            tensors[p][RHO_KEY] = st[RHO_KEY]
     return {**state_dict, "state": new_states, "param_groups": saved_groups}, tensors

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends, checkpoint
+from . import backends, checkpoint, master_weights
 from .families import Family, family_of
 from .hyper import GROUP_DEFAULTS, Hyper
 from .reference import folded_shape
@@ -66,6 +66,10 @@ class FOAM(torch.optim.Optimizer):
     - ``res_scale``: FOAM's rho, weight of the current gradient's residual.
     - ``decoupled_weight_decay``: ``True`` for AdamW's decoupled decay, ``False`` for Adam's
       coupled L2 decay (``g += weight_decay * p``), as in ``torch.optim.Adam``.
+    - ``master_weights``: ``None`` (default), ``"int8"`` or ``"int16"``: bfloat16/float16
+      parameters get correction bits in their state (``"master_rho"``), so that the optimizer
+      steps a 24-bit (int8) or 32-bit (int16) weight while the model holds 16 bits
+      (:mod:`foam_compile.master_weights`; float32 parameters need none and get none).
 
     State is float32 whatever the parameter dtype (float64 parameters keep float64 state).
 
@@ -94,6 +98,7 @@ class FOAM(torch.optim.Optimizer):
         budget: float | None = None,
         max_error: float | None = None,
         calibration_steps: int = 8,
+        master_weights: str | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -107,6 +112,7 @@ class FOAM(torch.optim.Optimizer):
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
             capturable=capturable,
+            master_weights=master_weights,
         )
         Hyper.from_group(defaults)
         super().__init__(params, defaults)
@@ -135,9 +141,11 @@ class FOAM(torch.optim.Optimizer):
     def _new_state(self, p: Tensor, group: dict, level: int | None = None) -> dict:
         hp = self.foam_family.hyper(group)
         level = _int_level(hp.level) if level is None else level
-        return checkpoint.new_state(
+        state = checkpoint.new_state(
             p, level, self.foam_family.moments(hp), format_of({}), checkpoint.step_device(p, group)
         )
+        master_weights.reconcile_(p, state, hp.master_weights, "a new parameter")
+        return state
 
     def _init_group(self, group, params, grads, tensors, layouts):
         """Collect this group's tensors, creating state on first use.
@@ -168,6 +176,7 @@ class FOAM(torch.optim.Optimizer):
                     "optimizer. Load it with load_state_dict(), which folds stock AdamW/Adam "
                     "moments."
                 )
+            master_weights.reconcile_(p, state, hp.master_weights, what)
             level, fmt = state["foam_level"], format_of(state)
             if hp.amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on mid-run
                 v = fmt.decode(state, "exp_avg_sq", "square", p).clone()
@@ -179,6 +188,8 @@ class FOAM(torch.optim.Optimizer):
                 if why is not None:
                     raise RuntimeError(f"FOAM: {key} of {what} {why} for level {level}")
                 keys += fmt.keys(key)
+            if master_weights.RHO_KEY in state:
+                keys.append(master_weights.RHO_KEY)
             params.append(p)
             grads.append(p.grad)
             tensors.extend(state[k] for k in keys)
