@@ -2,6 +2,8 @@
 
 ``torch.compile(step, backend="foam")`` runs a stock AdamW/Adam step as FOAM; ``convert`` does
 the same without a compile; ``FOAM`` is the optimizer for new code; ``plan`` picks fold levels.
+Whole-training memory: ``FOAM(..., master_weights="int8")`` (bf16 weights + correction bits),
+``release_gradients`` (step in backward, free each gradient), ``memory_report``.
 
 Importing the package is cheap: Dynamo, Inductor, sympy and Triton load when first needed
 (``backend``, the planner and cost model, a CUDA parameter).
@@ -9,7 +11,10 @@ Importing the package is cheap: Dynamo, Inductor, sympy and Triton load when fir
 
 import importlib
 
+from . import master_weights
 from .convert import convert, explain, export_adamw_state_dict, is_converted
+from .grad_release import release_gradients
+from .memory import memory_report
 from .optimizer import FOAM
 from .reference import fold, folded_shape, reference_step, unfold
 
@@ -26,9 +31,12 @@ __all__ = [
     "fold",
     "folded_shape",
     "is_converted",
+    "master_weights",
+    "memory_report",
     "plan",
     "plan_params",
     "reference_step",
+    "release_gradients",
     "unfold",
 ]
 __version__ = "0.1.0"

@@ -164,7 +164,8 @@ def _quantize32(theta: Tensor, r: Tensor, dtype: torch.dtype, width: str) -> Ten
     int_dtype, q = OPTIONS[width]
     t = ((theta - r) / _half_ulp32(r, dtype)) * float(q)
     rho = torch.round(t).clamp(-q, q)  # torch.round: ties to even
-    return torch.where(torch.isfinite(rho), rho, torch.zeros_like(rho)).to(int_dtype)
+    finite = r.abs() <= torch.finfo(dtype).max  # p16 is inf or nan otherwise
+    return torch.where(finite, rho, torch.zeros_like(rho)).to(int_dtype)
 
 
 def quantize(theta: Tensor, p16: Tensor, width: str) -> Tensor:
