@@ -23,6 +23,7 @@ from .discovery import parameter_names
 from .distributed import local_numel
 from .families import Family, family_of, supported_names
 from .hyper import GROUP_DEFAULTS, check_options
+from .master_weights import RHO_KEY
 from .optimizer import FOAM, _check_autotune, _int_level, check_autotune, check_params
 from .policy import KEEP_UNFOLDED, choose_levels
 from .state import DEFAULT_FORMAT, get_format
@@ -218,7 +219,8 @@ class Explanation:
 def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> Explanation:
     """Which parameters are folded, at what level, and their state bytes against AdamW's.
 
-    Bytes are measured from the tensors in ``optimizer.state`` (moments only, not the step);
+    Bytes are measured from the tensors in ``optimizer.state`` (moments only, not the step or
+    correction bits: :func:`foam_compile.memory_report` counts everything);
     AdamW's are two float32 moments per element (plus the max with amsgrad).
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -232,7 +234,7 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
             foam = sum(
                 local_numel(t) * t.element_size()
                 for k, t in st.items()
-                if isinstance(t, Tensor) and k != "step"
+                if isinstance(t, Tensor) and k not in ("step", RHO_KEY)  # memory_report has those
             )
             adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
             rows.append(

@@ -281,6 +281,8 @@ def test_state_keys_dtypes_and_float32_params():
     assert opt.state[params[1]][mw.RHO_KEY].shape == params[1].shape
     assert mw.RHO_KEY not in opt.state[params[2]]
     assert opt.param_groups[0]["master_weights"] == "int16"
+    # explain() reports moments only: [3, 6, 9] at level 2 -> [3, 6, 3], two float32 moments
+    assert foam_compile.explain(opt).rows[0][3] == 3 * 6 * 3 * 4 * 2
 
 
 def test_invalid_option_is_refused():
