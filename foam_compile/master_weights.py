@@ -30,11 +30,13 @@ the 16-bit format (bfloat16: 7, 127; float16: 10, 15)::
               bfloat16 subnormals 2**-134 is a float32 subnormal (no flush-to-zero allowed)
     split(theta):
         p16 = round_to_nearest_even(theta)     the ordinary cast (the reference writes it as
-                                               rint(theta / u) * u, u = 2 s at theta's binade)
+                                               rint(theta * 2**-k) * 2**k, 2**k = 2 s at
+                                               theta's binade)
         d   = theta - float32(p16)             exact (a rounding error is representable)
-        q   = d / s(p16)                       exact (power-of-two scaling, |q| <= 1); a kernel
-                                               may multiply by 2**-(E-M-1) in two exact steps
-                                               (2**134 does not exist in float32)
+        q   = d * 2**-(E - M - 1)              exact (|q| <= 1), as two multiplies by normal
+                                               powers of two: 2**134 does not exist in
+                                               float32, and a divide by a subnormal s is
+                                               flushed or approximate on some GPUs
         rho = clamp(rint(q * Q), -Q, Q)        q * Q rounded to float32 first, then rint (ties
                                                to even); 0 where p16 is inf or nan
     join(p16, rho):
@@ -44,6 +46,10 @@ the 16-bit format (bfloat16: 7, 127; float16: 10, 15)::
                                                gives the same bits there; below it (bfloat16
                                                values under 4e-34) the reference rounds c * s
                                                first and a fused kernel may differ by 2**-149.
+
+No step divides or scales by a subnormal: a device that flushes float32 subnormals to zero
+gets the same bits for weights above ``2**-100`` and, below, a zero correction (never inf or
+nan). The tests run the codec with ``torch.set_flush_denormal(True)`` to hold that.
 
 Float32 and float64 parameters are their own master weights: they carry no correction whatever
 the option says. :func:`full_precision_state_dict` exports the reconstructed float32 weights.
@@ -125,6 +131,14 @@ def _pow2(k: Tensor) -> Tensor:
     return torch.where(k >= -126, normal, subnormal).view(torch.float32)
 
 
+def _scale(x: Tensor, k: Tensor) -> Tensor:
+    """``x * 2**k`` for int32 ``k`` in ``[-252, 254]``: two multiplies by normal powers of two,
+    each exact (no divide, no subnormal factor: a GPU that flushes subnormals or divides
+    approximately still gets the same bits for normal operands)."""
+    half = torch.div(k, 2, rounding_mode="floor")
+    return x * _pow2(half) * _pow2(k - half)
+
+
 def _exponent(x32: Tensor, dtype: torch.dtype) -> Tensor:
     """``E`` of a float32 ``x32`` read in ``dtype``'s binades (int32): floor(log2|x|), raised to
     ``dtype``'s smallest normal exponent for zero and subnormals; 128 for inf and nan."""
@@ -148,21 +162,21 @@ def half_ulp(p16: Tensor) -> Tensor:
 def _round16(theta: Tensor, dtype: torch.dtype) -> Tensor:
     """``theta`` (float32) rounded to nearest-even in ``dtype``, kept in float32 (exact).
 
-    ``rint(theta / u) * u`` with ``u`` the spacing at ``theta``'s binade: the same bits as the
-    cast (ties go to the even integer, i.e. the even mantissa; a carry into the next binade
+    ``rint(theta * 2**-k) * 2**k`` with ``2**k`` the spacing at ``theta``'s binade: the same bits
+    as the cast (ties go to the even integer, i.e. the even mantissa; a carry into the next binade
     lands on its power of two; past the largest value it gives inf once cast). Written out
     because Inductor drops a narrowing cast inside a fused kernel (``emulate_precision_casts``
     is off by default), which would leave ``d = 0`` below.
     """
-    mant = LOW_PRECISION[dtype][0]
-    u = _pow2((_exponent(theta, dtype) - mant).clamp(max=127))
-    return torch.where(torch.isfinite(theta), torch.round(theta / u) * u, theta)
+    k = _exponent(theta, dtype) - LOW_PRECISION[dtype][0]  # the spacing is 2**k
+    return torch.where(torch.isfinite(theta), _scale(torch.round(_scale(theta, -k)), k), theta)
 
 
 def _quantize32(theta: Tensor, r: Tensor, dtype: torch.dtype, width: str) -> Tensor:
     """``rho`` for float32 ``theta`` and ``r``, its rounding to ``dtype`` held in float32."""
     int_dtype, q = OPTIONS[width]
-    t = ((theta - r) / _half_ulp32(r, dtype)) * float(q)
+    k = _exponent(r, dtype) - (LOW_PRECISION[dtype][0] + 1)  # s = 2**k
+    t = _scale(theta - r, -k) * float(q)
     rho = torch.round(t).clamp(-q, q)  # torch.round: ties to even
     finite = r.abs() <= torch.finfo(dtype).max  # p16 is inf or nan otherwise
     return torch.where(finite, rho, torch.zeros_like(rho)).to(int_dtype)

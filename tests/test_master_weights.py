@@ -161,6 +161,27 @@ def test_non_finite_and_overflow(dtype):
     assert torch.isinf(back[[0, 1, 3, 4]]).all() and torch.isnan(back[2])
 
 
+@pytest.mark.parametrize("dtype", list(LOW))
+def test_flush_to_zero_is_graceful(dtype):
+    """GPUs may flush float32 subnormals (FTZ/DAZ); ``torch.set_flush_denormal`` does it on CPU.
+    The codec never divides and never scales by a subnormal factor, so a flush costs the
+    correction of values near the subnormal range (it reads 0) but never makes inf or nan
+    (a divide by ``s = 2**-134`` would: 0 / 0 at every zero weight)."""
+    x = awkward_values(dtype)
+    want_p, want_rho = mw.split(x, dtype, "int8")
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        p16, rho = mw.split(x, dtype, "int8")
+        back = mw.join(p16, rho)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.isfinite(p16.float()).all() and torch.isfinite(back).all()
+    normal = x.abs() >= 2.0**-100  # no float32 subnormal arises from these (d, c * s >= 2**-126)
+    assert torch.equal(p16[normal], want_p[normal]) and torch.equal(rho[normal], want_rho[normal])
+    assert torch.equal(back[normal], mw.join(want_p, want_rho)[normal])
+
+
 def test_split_in_place_and_options():
     x = torch.randn(7, 5)
     p16, rho = torch.empty(7, 5, dtype=torch.bfloat16), torch.empty(7, 5, dtype=torch.int16)
