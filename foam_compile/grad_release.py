@@ -22,6 +22,8 @@ What is and is not possible (said again in :func:`release_gradients`):
 * Gradient accumulation: backward passes inside ``with release.accumulate():`` keep their
   gradients (as usual, so no memory is saved on them); the next backward outside it adds its
   gradients and steps. Without ``accumulate()`` every backward pass is an optimizer step.
+* A backward pass that raises has already stepped the parameters whose gradients came first
+  (there is no step to undo, as in any optimizer-in-backward); the next backward starts clean.
 * ``level="auto"`` FOAM groups (which calibrate on whole steps) and clipping of ``DTensor``
   (FSDP2) parameters are refused for now.
 """
@@ -94,7 +96,7 @@ class GradientRelease:
         self._previous_norm: Tensor | None = None
         self._norms: dict[int, Tensor] = {}
         self._accumulating = False
-        self._in_backward = False
+        self._task: int | None = None
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._group_of = {
             id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]
@@ -105,8 +107,11 @@ class GradientRelease:
     def _on_grad(self, p: Tensor) -> None:
         if self._accumulating or p.grad is None:
             return
-        if not self._in_backward:  # first gradient of this backward: finish it at its end
-            self._in_backward = True
+        task = torch._C._current_graph_task_id()
+        if task != self._task:  # first gradient of this backward: finish it at its end
+            # (by task id, not a flag: a backward that raised never ran its callback)
+            self._task = task
+            self._norms = {}
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
         self._clip(p)
         self._step_one(p)
@@ -139,7 +144,7 @@ class GradientRelease:
                 g["params"] = params
 
     def _end_backward(self) -> None:
-        self._in_backward = False
+        self._task = None
         self.steps += 1
         if self._norms:
             from torch.nn.utils import get_total_norm

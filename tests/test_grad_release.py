@@ -225,3 +225,24 @@ def test_refusals_and_remove():
     loss_of(model, 0).backward()  # hooks gone: gradients kept, weights unchanged
     assert all(p.grad is not None for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_backward_that_raises_does_not_wedge_the_next():
+    model = make_model()
+    release = release_gradients(model, lambda ps: FOAM(ps, lr=1e-2), max_norm=1.0, clip="previous")
+    x, y = batch(0)
+    hidden = model[1](model[0](x))
+
+    def fail(_grad):
+        raise RuntimeError("boom")
+
+    hidden.register_hook(fail)  # runs after the last layers' parameters have stepped
+    loss = nn.functional.cross_entropy(model[4](model[3](model[2](hidden))), y)
+    with pytest.raises(RuntimeError, match="boom"):
+        loss.backward()
+    assert release.steps == 0 and release.last_grad_norm is None
+    for p in model.parameters():
+        p.grad = None
+    loss_of(model, 1).backward()
+    assert release.steps == 1
+    assert release.last_grad_norm is not None and release._previous_norm is not None
