@@ -9,9 +9,9 @@ shape, sharded like it) so that the optimizer's float32 weight is
 where ``s`` is half a unit in the last place of ``p16``: the largest error of rounding a value to
 ``p16``'s format. The forward and backward read ``p16`` only; every step reconstructs ``theta``
 (:func:`join`), runs the FOAM update in float32, and stores ``theta`` again (:func:`split`).
-The scheme is FlashOptim's (Gonzalez et al., arXiv 2602.23349, "error-correction bits"; its
-public code computes the scale in ``_compute_ecc_bits``); this module is written from that
-description, with the arithmetic pinned down below so that fused kernels reproduce it.
+The scheme is FlashOptim's (arXiv 2602.23349, "error-correction bits"; its public code computes
+the scale in ``_compute_ecc_bits``); this module is written from that description, with the
+arithmetic pinned down below so that fused kernels reproduce it.
 
 Precision: ``p16`` keeps 8 significant bits (bfloat16) or 11 (float16); ``rho`` cuts the
 rounding error into ``2 Q + 1`` levels, so one split-and-join errs by at most ``s / (2 Q)``
@@ -27,7 +27,7 @@ the 16-bit format (bfloat16: 7, 127; float16: 10, 15)::
     E(p16)  = biased exponent field of p16, raised to 1 for zero and subnormals (they share the
               smallest normal's spacing), minus BIAS             (all-ones field: inf/nan)
     s(p16)  = 2 ** (E - M - 1)                 a power of two, built from its bits, exact; for
-              bfloat16 subnormals 2**-134 is a float32 subnormal (no flush-to-zero allowed)
+              bfloat16 zero and subnormals 2**-134, a float32 subnormal (flushing: see below)
     split(theta):
         p16 = round_to_nearest_even(theta)     the ordinary cast (the reference writes it as
                                                rint(theta * 2**-k) * 2**k, 2**k = 2 s at
