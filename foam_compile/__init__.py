@@ -2,6 +2,8 @@
 
 ``torch.compile(step, backend="foam")`` runs a stock AdamW/Adam step as FOAM; ``convert`` does
 the same without a compile; ``FOAM`` is the optimizer for new code; ``plan`` picks fold levels.
+Whole-training memory: ``FOAM(..., master_weights="int8")`` (bf16 weights + correction bits),
+``release_gradients`` (step in backward, free each gradient), ``memory_report``.
 
 Importing the package is cheap: Dynamo, Inductor, sympy and Triton load when first needed
 (``backend``, the planner and cost model, a CUDA parameter). It installs one global optimizer
@@ -11,9 +13,14 @@ error naming ``foam_compile.convert`` instead of failing on the folded shapes.
 
 import importlib
 
-from . import formats  # noqa: F401  (registers the int8/int4 state formats; torch only)
+from . import (
+    formats,  # noqa: F401  (registers the int8/int4 state formats; torch only)
+    master_weights,
+)
 from .convert import convert, explain, export_adamw_state_dict, is_converted
+from .grad_release import release_gradients
 from .guard import install_folded_state_guard
+from .memory import memory_report
 from .optimizer import FOAM
 from .reference import fold, folded_shape, reference_step, unfold
 
@@ -30,9 +37,12 @@ __all__ = [
     "fold",
     "folded_shape",
     "is_converted",
+    "master_weights",
+    "memory_report",
     "plan",
     "plan_params",
     "reference_step",
+    "release_gradients",
     "unfold",
 ]
 __version__ = "0.1.0"

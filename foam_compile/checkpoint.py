@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .distributed import fold, unfold
 from .layout import LAYOUT_KEY, format_for, level_for
+from .master_weights import RHO_KEY, check_rho
 from .reference import effective_level, folded_shape
 from .state import DEFAULT_FORMAT, StateFormat, format_of, get_format
 
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 Moments = Sequence[tuple[str, str]]  # (state key, kind), as families.Family.moments gives them
-FOAM_KEYS = ("foam_level", "foam_format")
+FOAM_KEYS = ("foam_level", "foam_format", RHO_KEY)  # a stock AdamW has no correction bits
 
 
 def describe(p: Tensor, gi: int, pi: int) -> str:
@@ -114,9 +115,12 @@ def to_foam_state(
     parameter's effective level is used) and encoded in ``fmt`` (default ``fp32``). A FOAM state
     is checked against ``p`` and keeps its own level and format, unless ``migrate``: then it is
     moved to ``level`` and ``fmt`` (if given) by :func:`relayout`. A numeric ``step`` becomes a
-    tensor. Error messages start with ``where`` and name the parameter as ``what``.
+    tensor. A parameter's correction bits (``master_rho``) are checked against it and
+    kept. Error messages start with ``where`` and name the parameter as ``what``.
     """
     st = dict(st)
+    if RHO_KEY in st:
+        check_rho(p, st[RHO_KEY], where, what)
     if "foam_level" in st:
         fmt_saved = get_format(st.get("foam_format", DEFAULT_FORMAT), where)
         shape = folded_shape(p.shape, st["foam_level"])
@@ -271,4 +275,6 @@ def prepare_load(
         tensors[p] = {part: st[part] for key, _ in moments if key in st for part in fmt.keys(key)}
         if "foam_format" in st:  # torch's load casts strings as iterables (to "<generator ...>")
             tensors[p]["foam_format"] = st["foam_format"]
+        if RHO_KEY in st:  # torch would cast the integer correction to the parameter's dtype
+            tensors[p][RHO_KEY] = st[RHO_KEY]
     return {**state_dict, "state": new_states, "param_groups": saved_groups}, tensors

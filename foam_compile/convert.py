@@ -25,6 +25,7 @@ from .distributed import local_numel
 from .families import family_of, supported_names
 from .hyper import GROUP_DEFAULTS, check_options
 from .layout import LAYOUT_KEY, format_for, level_for
+from .master_weights import RHO_KEY
 from .optimizer import (
     FOAM,
     _check_autotune,
@@ -315,8 +316,9 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
     against AdamW's.
 
     Bytes are measured from the tensors in ``optimizer.state`` (moments with their format's
-    side tensors, not the step); AdamW's are two float32 moments per element (plus the max with
-    amsgrad) of the same parameters, those that have state.
+    side tensors, not the step or correction bits: :func:`foam_compile.memory_report` counts
+    everything); AdamW's are two float32 moments per element (plus the max with amsgrad) of the
+    same parameters, those that have state.
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = parameter_names(params, model)
@@ -339,7 +341,7 @@ def explain(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) ->
             foam = sum(
                 local_numel(t) * t.element_size()
                 for k, t in st.items()
-                if isinstance(t, Tensor) and k != "step"
+                if isinstance(t, Tensor) and k not in ("step", RHO_KEY)  # memory_report has those
             )
             adam = n_moments * 4 * local_numel(p)  # per rank for sharded parameters
             fmt = format_of(st).name

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import backends
 from .distributed import local_states
 from .hyper import Hyper
+from .master_weights import check_states
 
 __all__ = ["foam_adam_"]
 
@@ -36,13 +37,15 @@ def foam_adam_(
     ``states[i]`` is parameter ``i``'s state: ``step`` (a tensor, incremented here),
     ``foam_level`` (the level it runs at) and its moments (``exp_avg``, ``exp_avg_sq``, and
     ``max_exp_avg_sq`` with amsgrad) in the folded shape, stored in the state format named by
-    ``foam_format`` (``fp32`` when absent). The hyperparameters come as ``hp`` or as the fields
+    ``foam_format`` (``fp32`` when absent), and ``master_rho`` for a bfloat16/float16 parameter
+    stepped with ``master_weights``. The hyperparameters come as ``hp`` or as the fields
     of :class:`~foam_compile.hyper.Hyper` by name (``lr`` may be a tensor), which is how the
     graphs rewritten by the ``"foam"`` backend call it.
     """
     hp = Hyper(**hyper) if hp is None else hp
     if not params:
         return
+    check_states(params, states, hp.master_weights)  # the backends trust hp about corrections
     params, grads, states = local_states(params, grads, states)  # the math is per shard
     for backend, idx in backends.plan(params, grads, states, hp):
         if not getattr(backend, "INCREMENTS_STEPS", False):

@@ -15,10 +15,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from .master_weights import check_option as check_master_weights
+
 __all__ = ["GROUP_DEFAULTS", "MAX_LEVEL", "Hyper", "check_level", "check_options"]
 
 # Keys FOAM adds to a param group, with the values a converted stock optimizer gets.
-GROUP_DEFAULTS = {"level": 2, "scale": 1.0, "res_scale": 1.0}
+GROUP_DEFAULTS = {"level": 2, "scale": 1.0, "res_scale": 1.0, "master_weights": None}
 # Deeper levels than this are never useful (a block of 65536 elements) and likely a typo.
 MAX_LEVEL = 16
 
@@ -59,7 +61,9 @@ class Hyper:
 
     ``lr`` stays a tensor when the group holds one (a scheduler then updates it in place and a
     compiled step does not recompile); every other field is a Python scalar. ``scale`` (alpha)
-    applies to folded parameters only; ``res_scale`` is rho (ALGORITHM.md).
+    applies to folded parameters only; ``res_scale`` is rho (ALGORITHM.md). ``master_weights``
+    (``None``, ``"int8"``, ``"int16"``) gives bfloat16/float16 parameters correction bits
+    (:mod:`foam_compile.master_weights`).
     """
 
     lr: float | Tensor
@@ -73,6 +77,7 @@ class Hyper:
     level: int | str = GROUP_DEFAULTS["level"]
     scale: float = GROUP_DEFAULTS["scale"]
     res_scale: float = GROUP_DEFAULTS["res_scale"]
+    master_weights: str | None = GROUP_DEFAULTS["master_weights"]
 
     def __post_init__(self) -> None:
         _check(self.as_dict(), "FOAM")
@@ -109,6 +114,7 @@ class Hyper:
             res_scale=_number(
                 where, "res_scale", group.get("res_scale", GROUP_DEFAULTS["res_scale"])
             ),
+            master_weights=group.get("master_weights", GROUP_DEFAULTS["master_weights"]),
         )
         _check(values, where)  # with the caller's name in the message; __init__ re-checks
         return cls(**values)
@@ -152,6 +158,7 @@ def _check(values: dict, where: str) -> None:
             "of folded parameters; 1.0 is the default, the paper uses 0.25)"
         )
     check_level(values["level"], where)
+    check_master_weights(values["master_weights"], where)
 
 
 def check_options(where: str, **options) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, checkpoint, layout
+from . import backends, checkpoint, layout, master_weights
 from .families import Family, family_of
 from .hyper import GROUP_DEFAULTS, Hyper, check_level
 from .layout import LAYOUT_KEY
@@ -148,6 +148,10 @@ class FOAM(torch.optim.Optimizer):
     - ``res_scale``: FOAM's rho, weight of the current gradient's residual.
     - ``decoupled_weight_decay``: ``True`` for AdamW's decoupled decay, ``False`` for Adam's
       coupled L2 decay (``g += weight_decay * p``), as in ``torch.optim.Adam``.
+    - ``master_weights``: ``None`` (default), ``"int8"`` or ``"int16"``: bfloat16/float16
+      parameters get correction bits in their state (``"master_rho"``), so that the optimizer
+      steps a 24-bit (int8) or 32-bit (int16) weight while the model holds 16 bits
+      (:mod:`foam_compile.master_weights`; float32 parameters need none and get none).
 
     The folding policy (:mod:`foam_compile.policy`) keeps embeddings, the output head and norms
     at level 0, by name: names come from named parameters, ``model=``, or the live module that
@@ -185,6 +189,7 @@ class FOAM(torch.optim.Optimizer):
         model: nn.Module | None = None,
         levels: Mapping[str | Tensor, int] | None = None,
         keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
+        master_weights: str | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -198,6 +203,7 @@ class FOAM(torch.optim.Optimizer):
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
             capturable=capturable,
+            master_weights=master_weights,
         )
         Hyper.from_group(defaults)
         check_autotune_options(
@@ -254,13 +260,15 @@ class FOAM(torch.optim.Optimizer):
     def _new_state(self, p: Tensor, group: dict, index: int) -> dict:
         hp = self.foam_family.hyper(group)
         fmt = get_format(layout.format_for(group, index, DEFAULT_FORMAT))
-        return checkpoint.new_state(
+        state = checkpoint.new_state(
             p,
             layout.level_for(group, index, p),
             self.foam_family.moments(hp),
             fmt,
             checkpoint.step_device(p, group),
         )
+        master_weights.reconcile_(p, state, hp.master_weights, "a new parameter")
+        return state
 
     def _decide_when_needed(self, group: dict, index: int, p: Tensor) -> None:
         """Run the policy (one heap scan for every undecided parameter) if ``p``'s level
@@ -305,6 +313,7 @@ class FOAM(torch.optim.Optimizer):
                     "optimizer. Load it with load_state_dict(), which folds stock AdamW/Adam "
                     "moments."
                 )
+            master_weights.reconcile_(p, state, hp.master_weights, what)
             level, fmt = state["foam_level"], format_of(state)
             if hp.amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on mid-run
                 v = fmt.decode(state, "exp_avg_sq", "square", p).clone()
@@ -322,6 +331,8 @@ class FOAM(torch.optim.Optimizer):
                 state.update(state_now)
                 level = target
             keys = ["step"] + [k for key, _kind in moments for k in fmt.keys(key)]
+            if master_weights.RHO_KEY in state:
+                keys.append(master_weights.RHO_KEY)
             params.append(p)
             grads.append(p.grad)
             tensors.extend(state[k] for k in keys)

@@ -8,6 +8,11 @@ A backend is a module with two functions:
   parameter ``i``'s state dict, its ``step`` already incremented, unless the module sets
   ``INCREMENTS_STEPS = True``: then ``step_`` increments it).
 
+A bfloat16/float16 parameter with correction bits (``hp.master_weights``, issue 13) goes only to
+a backend whose module sets ``MASTER_WEIGHTS = True`` (plain torch today): a fast path written
+before the corrections existed would step ``p`` and leave its correction stale. The fused paths
+opt in once their kernels read and write the correction.
+
 The registry lists backends in priority order with the device types they serve; :func:`select`
 asks each in turn and the plain-torch backend takes whatever is left. A backend's module is
 imported the first time a parameter of one of its devices is seen (:func:`prepare` does it
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..hyper import Hyper
+from ..master_weights import uses_correction
 from ..state import StateFormat, format_of
 
 __all__ = ["Backend", "plan", "prepare", "register", "registered", "select"]
@@ -106,6 +112,12 @@ def select(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> Mod
         if module is None:
             continue
         reason = module.supports(p, g, level, fmt, hp)
+        if reason is None and not getattr(module, "MASTER_WEIGHTS", False):
+            if uses_correction(p, hp.master_weights):
+                reason = (
+                    f"it does not read correction bits yet (master_weights="
+                    f"{hp.master_weights!r}); they run in plain torch"
+                )
         if reason is None:
             if declined:
                 name, why = declined[0]

@@ -131,8 +131,7 @@ def test_register_before_another_backend(registry, monkeypatch, foam_log):
     assert registry.select(p, p, 2, FP32, HP) is fake
     assert registry.select(p, p, 3, FP32, HP) is cpu
     assert messages(foam_log) == [
-        "foam: a cpu parameter (torch.float32, level 3) runs the 'cpu' step backend: "
-        "only level 2"
+        "foam: a cpu parameter (torch.float32, level 3) runs the 'cpu' step backend: only level 2"
     ]
 
     # The step dispatches to it: the parameters it takes, in one call.
