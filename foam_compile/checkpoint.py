@@ -22,7 +22,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .distributed import fold, unfold
+from .distributed import (
+    check_format_shards,
+    fold,
+    format_decode,
+    format_encode,
+    format_zeros,
+    unfold,
+)
 from .layout import LAYOUT_KEY, format_for, level_for
 from .master_weights import RHO_KEY, check_rho
 from .reference import effective_level, folded_shape
@@ -74,7 +81,7 @@ def new_state(p: Tensor, level: int, moments: Moments, fmt: StateFormat, step_de
     level = effective_level(p.shape, level)
     st: dict = {"step": torch.tensor(0.0, dtype=torch.float32, device=step_device)}
     for key, kind in moments:
-        st.update(fmt.zeros(p, level, key, kind))
+        st.update(format_zeros(fmt, p, level, key, kind))
     st["foam_level"] = level
     return _with_format(st, fmt)
 
@@ -94,7 +101,8 @@ def _encode_full(
                 f"{where}: '{key}' of {what} has shape {got}, expected {list(p.shape)} (a stock "
                 "AdamW moment). Was the checkpoint saved for a different model?"
             )
-        out.update(fmt.encode(fold(value.to(fmt.compute_dtype(p)), level), p, key, kind))
+        folded = fold(value.to(fmt.compute_dtype(p)), level)
+        out.update(format_encode(fmt, folded, p, level, key, kind, what))
     return out
 
 
@@ -124,7 +132,7 @@ def to_foam_state(
     if "foam_level" in st:
         fmt_saved = get_format(st.get("foam_format", DEFAULT_FORMAT), where)
         shape = folded_shape(p.shape, st["foam_level"])
-        for key, _kind in moments:
+        for key, kind in moments:
             if key in st:
                 why = fmt_saved.check(st, key, p, shape)
                 if why is not None:
@@ -133,6 +141,8 @@ def to_foam_state(
                         f"{st['foam_level']}). Was the checkpoint saved for a different model "
                         "or fold level?"
                     )
+                # a sharded parameter: its shards must hold whole groups of the saved format
+                check_format_shards(fmt_saved, p, st["foam_level"], key, kind, what)
         if migrate:
             st = relayout(p, st, moments, level=level, fmt=fmt)
     else:
@@ -179,12 +189,12 @@ def relayout(
     for key, kind in moments:
         if key not in st:
             continue
-        value = old_fmt.decode(st, key, kind, p)
+        value = format_decode(old_fmt, st, key, kind, p)
         if level != old:
             value = fold(unfold(value, old, n), level)
         for part in old_fmt.keys(key):
             out.pop(part, None)
-        out.update(fmt.encode(value, p, key, kind))
+        out.update(format_encode(fmt, value, p, level, key, kind))
     out["foam_level"] = level
     return _with_format(out, fmt)
 
@@ -220,7 +230,7 @@ def export_adamw_state_dict(optimizer: torch.optim.Optimizer) -> dict:
             if key in st:
                 for part in fmt.keys(key):
                     out.pop(part, None)
-                full = unfold(fmt.decode(st, key, kind, p), level, n)
+                full = unfold(format_decode(fmt, st, key, kind, p), level, n)
                 out[key] = full.reshape(p.shape).clone()
         state[pid] = out
     drop = (*GROUP_DEFAULTS, "decoupled_weight_decay", LAYOUT_KEY)

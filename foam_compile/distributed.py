@@ -24,7 +24,10 @@ gradient, so every rank runs the same FOAM step.
 
 Where the package calls this module (see the docstring of each function):
 
-- state formats create moments with :func:`zeros_folded` (``state.StateFormat.zeros``);
+- state formats create moments with :func:`zeros_folded` (``state.StateFormat.zeros``); the
+  checkpoint migrations create, encode and decode every format's state tensors with
+  :func:`format_zeros` / :func:`format_encode` / :func:`format_decode`, which run the format on
+  this rank's local tensors and place each state tensor (codes, scales, ...) like the parameter;
 - ``foam_adam_`` runs on :func:`local_states` of its parameters, gradients and states;
 - the checkpoint migrations (``checkpoint.py``) fold and unfold with :func:`fold` /
   :func:`unfold` (drop-in for ``reference.fold`` / ``unfold``) and place loaded moments with
@@ -48,7 +51,11 @@ from .reference import folded_shape
 
 __all__ = [
     "check_foldable",
+    "check_format_shards",
     "fold",
+    "format_decode",
+    "format_encode",
+    "format_zeros",
     "is_dtensor",
     "like_param",
     "local",
@@ -310,3 +317,100 @@ def local_states(
         out_grads.append(local(g))
         out_states.append({k: local(v) if is_dtensor(v) else v for k, v in st.items()})
     return out_params, out_grads, out_states
+
+
+# ------------------------------------------------------------------- formatted state tensors
+# A state format (state.StateFormat) works on plain tensors: its codes and side tensors (e.g.
+# one scale per group of the last dim) are laid out from the shape of the parameter it is given.
+# For a DTensor parameter the format runs on the local shard, and each resulting tensor is
+# wrapped on the parameter's mesh and placements with the global shape the format gives the
+# parameter's global shape (found on a meta tensor: no data is made). That is exact when every
+# rank's local tensors are its chunks of the global ones: always for dim-0 shards of a >= 2-d
+# parameter (FSDP2's default; groups run along the last dim); for a sharded last dim (a 1-d
+# parameter under FSDP2, or Shard(-1)) only when the shard boundaries fall on group boundaries.
+# check_format_shards refuses the other layouts, naming the parameter.
+
+
+def _format_shapes(fmt, shape, dtype, level: int, key: str, kind: str) -> dict[str, tuple]:
+    meta = torch.empty(tuple(shape), dtype=dtype, device="meta")
+    return {k: tuple(v.shape) for k, v in fmt.zeros(meta, level, key, kind).items()}
+
+
+def _chunks(n: int, world: int) -> list[int]:
+    """``torch.chunk`` sizes of ``n`` over ``world`` (Shard's split; trailing ranks may get 0)."""
+    c = math.ceil(n / world) if n else 0
+    return [max(0, min(c, n - r * c)) for r in range(world)]
+
+
+def check_format_shards(fmt, p: Tensor, level: int, key: str, kind: str, what=None) -> dict:
+    """The global shapes of ``fmt``'s tensors for moment ``key`` of ``p`` at ``level``;
+    ``ValueError`` unless, on every rank, the format's tensors for the local shard are that
+    rank's chunks of them (new states, and checkpoints loaded into a ``DTensor`` parameter).
+
+    Depends only on the global shape, the placements and the mesh: every rank gets the same
+    verdict (none raises alone). Plain ``p``: nothing to check.
+    """
+    if not is_dtensor(p):
+        return {}
+    shapes = _format_shapes(fmt, p.shape, p.dtype, level, key, kind)
+    shards = _last_dim_shards(p) if p.dim() else []
+    if not shards:
+        return shapes
+    world = p.device_mesh.size(shards[0][0])
+    for r, size in enumerate(_chunks(p.shape[-1], world)):
+        mine = _format_shapes(fmt, (*p.shape[:-1], size), p.dtype, level, key, kind)
+        for k, shape in shapes.items():
+            want = _chunks(shape[-1], world)[r] if shape else None
+            if (mine[k][-1] if mine[k] else None) != want:
+                raise ValueError(
+                    f"FOAM: {_name_of(p, what)} (shape {list(p.shape)}, placements "
+                    f"{tuple(p.placements)}) is sharded on its last dim over {world} ranks, "
+                    f"and state_format={fmt.name!r} keeps {k!r} in groups along that dim that "
+                    "the shards would split. Fix: keep this parameter in state_format='fp32' "
+                    "(FOAM._set_layout(p, state_format='fp32'), or a param group without "
+                    "state_format), or shard it so that each shard's length is a multiple of "
+                    f"the format's group times 2**level={2**level}."
+                )
+    return shapes
+
+
+def _wrap_state(fmt, mine: dict, p: Tensor, level: int, key: str, kind: str, what) -> dict:
+    shapes = check_format_shards(fmt, p, level, key, kind, what)
+    return {k: _wrap_like(v, p, shapes[k]) for k, v in mine.items()}
+
+
+def format_zeros(fmt, p: Tensor, level: int, key: str, kind: str, what=None) -> dict:
+    """``fmt.zeros(p, level, key, kind)``; for a ``DTensor`` ``p`` each tensor placed like it."""
+    if not is_dtensor(p):
+        return fmt.zeros(p, level, key, kind)
+    check_foldable(p, level, what)
+    check_format_shards(fmt, p, level, key, kind, what)  # before any allocation
+    return _wrap_state(fmt, fmt.zeros(p.to_local(), level, key, kind), p, level, key, kind, what)
+
+
+def format_encode(
+    fmt, value: Tensor, p: Tensor, level: int, key: str, kind: str, what=None
+) -> dict:
+    """``fmt.encode(value, p, key, kind)`` of the folded moment ``value`` (at ``level``).
+
+    For a ``DTensor`` ``p``: ``value`` is placed like ``p`` first (:func:`like_param`: a
+    ``DTensor`` is redistributed if need be, a plain full value is sliced), the format encodes
+    the local shard, and each new tensor is placed like ``p``.
+    """
+    if not is_dtensor(p):
+        return fmt.encode(value, p, key, kind)
+    check_foldable(p, level, what)
+    check_format_shards(fmt, p, level, key, kind, what)
+    mine = like_param(value, p, level).to_local()
+    return _wrap_state(fmt, fmt.encode(mine, p.to_local(), key, kind), p, level, key, kind, what)
+
+
+def format_decode(fmt, state: dict, key: str, kind: str, p: Tensor) -> Tensor:
+    """``fmt.decode(state, key, kind, p)``; for a ``DTensor`` ``p`` the folded moment is a
+    ``DTensor`` placed like ``p`` (each rank decodes its own codes and side tensors)."""
+    if not is_dtensor(p):
+        return fmt.decode(state, key, kind, p)
+    mine = {k: local(v) if is_dtensor(v) else v for k, v in state.items()}
+    value = fmt.decode(mine, key, kind, p.to_local())
+    level = reference.effective_level(p.shape, state.get("foam_level", 0))
+    return _wrap_like(value.contiguous(), p, folded_shape(p.shape, level))
