@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from foam_compile import FOAM
-from foam_compile.master_weights import RHO_KEY
+from foam_compile import FOAM, export_adamw_state_dict
+from foam_compile.master_weights import RHO_KEY, full_precision_state_dict
 
 from .test_fsdp_ddp import Runs, launch
 
@@ -94,7 +94,19 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
+def exports(model: nn.Module, opt: FOAM) -> dict:
+    """The stock AdamW state dict and the float32 weights (corrections applied), gathered."""
+    adamw = export_adamw_state_dict(opt)["state"]
+    return {
+        "adamw": {
+            pid: {k: _full(v) for k, v in st.items() if k != "step"} for pid, st in adamw.items()
+        },
+        "float32": {k: _full(v) for k, v in full_precision_state_dict(model, opt).items()},
+    }
+
+
 def _record(out: Path, name: str, rank: int, model: nn.Module, opt: FOAM) -> None:
+    exported = exports(model, opt)
     params = [_full(p) for p in model.parameters()]
     states, placements = [], []
     for p in model.parameters():
@@ -108,7 +120,10 @@ def _record(out: Path, name: str, rank: int, model: nn.Module, opt: FOAM) -> Non
         )
         placements[-1]["param"] = str(p.placements)
     if rank == 0:
-        torch.save(dict(params=params, state=states, placements=placements), out / f"{name}.pt")
+        torch.save(
+            dict(params=params, state=states, placements=placements, exports=exported),
+            out / f"{name}.pt",
+        )
 
 
 def _state_dicts(model, opt):
@@ -165,9 +180,18 @@ def scenario_quant_refuse(out, rank):
         error = None
     unchanged = all(torch.equal(a, _full(p)) for a, p in zip(before, model.parameters()))
     steps = [float(st["step"]) for st in opt.state.values() if "step" in st]
+    # the same split groups in a full (1-process) checkpoint loaded into the sharded optimizer
+    model = _fsdp(make_model())
+    opt = make_foam(model)
+    try:
+        opt.load_state_dict(torch.load(out / "int8_bias.pt", weights_only=True))
+    except ValueError as e:
+        load_error = str(e)
+    else:
+        load_error = None
     if rank == 0:
         torch.save(
-            {"error": error, "unchanged": unchanged, "steps": steps},
+            {"error": error, "unchanged": unchanged, "steps": steps, "load_error": load_error},
             out / "quant_refuse.pt",
         )
 
@@ -180,6 +204,10 @@ def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("foam_quant_distributed")
     model, opt = single_process(range(CKPT_STEP))
     _save(model, opt, root / "ckpt_1rank")  # no process group here: a 1-rank checkpoint
+    model = make_model()
+    opt = make_foam(model, bias_format="int8")  # fine in one process
+    train(model, opt, range(1))
+    torch.save(opt.state_dict(), root / "int8_bias.pt")
     start = time.perf_counter()
     launch(root, SCENARIOS, module=__name__)
     print(f"2-process launch: {time.perf_counter() - start:.1f}s")
@@ -266,3 +294,26 @@ def test_fsdp2_refuses_groups_across_ranks(runs):
     assert error is not None, "an int8 group split across ranks was not refused"
     assert "'1.bias'" in error and "state_format='fp32'" in error, error
     assert record["unchanged"] and not any(record["steps"]), record  # nothing stepped
+    load_error = record["load_error"]
+    assert load_error is not None, "a checkpoint with groups split across ranks was loaded"
+    assert "parameter 3 of param group 0" in load_error and "'exp_avg_scale'" in load_error
+
+
+def test_exports_under_fsdp2_equal_single_process_bitwise(runs, reference):
+    """export_adamw_state_dict (decoded, unfolded moments) and full_precision_state_dict
+    (bfloat16 weights + int8 corrections as float32) of sharded parameters."""
+    got = runs["quant_fsdp"]["exports"]
+    want = exports(*reference)
+    assert (
+        got["float32"].keys()
+        == want["float32"].keys()
+        == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    )
+    for name, value in want["float32"].items():
+        assert value.dtype == got["float32"][name].dtype == torch.float32
+        assert torch.equal(got["float32"][name], value), name
+    assert got["adamw"].keys() == want["adamw"].keys()
+    for pid, st in want["adamw"].items():
+        assert set(st) == set(got["adamw"][pid]) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        for key, value in st.items():
+            assert torch.equal(got["adamw"][pid][key], value), (pid, key)
