@@ -38,8 +38,20 @@ OPTIMIZERS = {
     "foam": lambda ps: FOAM(ps, lr=1e-2, level=2),
     "foam_bf16_int8": lambda ps: FOAM(ps, lr=1e-2, level=2, master_weights="int8"),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    # quantized moments (the group key read by foam_compile.layout.format_for)
+    "foam_int8_state": lambda ps: FOAM([{"params": ps, "state_format": "int8"}], lr=1e-2, level=2),
+    "foam_bf16_int8_int4sr_state": lambda ps: FOAM(
+        [{"params": ps, "state_format": "int4-sr"}], lr=1e-2, level=2, master_weights="int8"
+    ),
 }
-DTYPES = {"foam": torch.float32, "foam_bf16_int8": torch.bfloat16, "adamw": torch.float32}
+DTYPES = {
+    "foam": torch.float32,
+    "foam_bf16_int8": torch.bfloat16,
+    "adamw": torch.float32,
+    "foam_int8_state": torch.float32,
+    "foam_bf16_int8_int4sr_state": torch.bfloat16,
+}
+STATE_FORMATS = {"foam_int8_state": "int8", "foam_bf16_int8_int4sr_state": "int4-sr"}
 
 
 def _schedule(opt):
@@ -72,6 +84,9 @@ def test_same_weights_as_the_ordinary_step(name):
         sched.step()
     assert release.steps == STEPS
     assert release.optimizer.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    if name in STATE_FORMATS:  # the codes and scales are compared below too
+        for st in release.optimizer.state.values():
+            assert st["foam_format"] == STATE_FORMATS[name] and "exp_avg_scale" in st
     _assert_same(ref_model, ref_opt, model, release.optimizer)
 
 
