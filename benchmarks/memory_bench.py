@@ -11,10 +11,13 @@ norms, as in the FOAM paper; ``--policy all``: every 2-d weight at level 2):
 
 * ``AdamW fp32 master``: ``torch.optim.AdamW`` over float32 copies of the bf16 weights;
 * ``FOAM fp32 state``: FOAM on the bf16 weights, no correction;
-* ``FOAM fp32 state + int8 corr`` (and int16): ``master_weights="int8"``;
+* ``... + int8 corr`` (and int16): ``master_weights="int8"``;
 * ``... + release``: the same under ``release_gradients``;
-* ``FOAM int8 state ...``: rows for a quantized state format, run once ``FOAM`` takes
-  ``state_format=`` (issue 12); until then they print as not available.
+* ``FOAM int8 state ...`` / ``int4``: every parameter's moments in that state format (the param
+  groups' ``state_format`` key, read by ``foam_compile.layout.format_for``).
+
+Below the table, ``explain()``'s state bytes against AdamW's (moments and their scales only) for
+each quantized setup: issue 12's measure.
 
     python benchmarks/memory_bench.py                    # 60m, paper policy
     python benchmarks/memory_bench.py --policy all --out table.md
@@ -39,10 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from step_bench import CONFIGS, LEVEL, llama_shapes  # noqa: E402
 
-from foam_compile import FOAM, memory_report, release_gradients  # noqa: E402
+from foam_compile import FOAM, explain, memory_report, release_gradients  # noqa: E402
 
-INT8 = {"state_format": "int8"}  # issue 12's quantized state
+INT8 = {"state_format": "int8"}  # issue 12's quantized state (a param group key)
+INT4 = {"state_format": "int4"}
 CORR8 = {"master_weights": "int8"}
+GROUP_KEYS = ("state_format",)  # options that go into every param group, not FOAM(...)
 # (label, optimizer kind, FOAM options, gradient release)
 SETUPS = [
     ("AdamW fp32 master", "adamw", {}, False),
@@ -53,6 +58,8 @@ SETUPS = [
     ("FOAM int8 state", "foam", INT8, False),
     ("FOAM int8 state + int8 corr", "foam", {**INT8, **CORR8}, False),
     ("FOAM int8 state + int8 corr + release", "foam", {**INT8, **CORR8}, True),
+    ("FOAM int4 state + int8 corr", "foam", {**INT4, **CORR8}, False),
+    ("FOAM int4 state + int8 corr + release", "foam", {**INT4, **CORR8}, True),
 ]
 COLUMNS = ("weights", "master weights", "gradients", "optimizer state")
 
@@ -68,21 +75,22 @@ class Llama(nn.Module):
         self.others = nn.ParameterList([make(s) for s, block in shapes if not block])
 
 
-def param_groups(model: Llama, policy: str) -> list[dict]:
+def param_groups(model: Llama, policy: str, extra: dict | None = None) -> list[dict]:
+    extra = extra or {}
     if policy == "all":
         two_d = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        return [{"params": two_d, "level": LEVEL}, {"params": rest, "level": 0}]
+        return [{"params": two_d, "level": LEVEL, **extra}, {"params": rest, "level": 0, **extra}]
     return [
-        {"params": list(model.blocks), "level": LEVEL},
-        {"params": list(model.others), "level": 0},
+        {"params": list(model.blocks), "level": LEVEL, **extra},
+        {"params": list(model.others), "level": 0, **extra},
     ]
 
 
 def foam_accepts(options: dict) -> str | None:
     """Why FOAM cannot build this setup yet (an option it does not take), or None."""
     known = inspect.signature(FOAM).parameters
-    missing = [k for k in options if k not in known]
+    missing = [k for k in options if k not in known and k not in GROUP_KEYS]
     return f"FOAM has no {', '.join(missing)} option yet" if missing else None
 
 
@@ -101,10 +109,17 @@ def run_setup(cfg, kind, options, release, policy):
         opt = torch.optim.AdamW(masters, lr=1e-3)
         zero_step(masters, opt)
     else:
-        opt = FOAM(param_groups(model, policy), lr=1e-3, **options)
+        extra = {k: v for k, v in options.items() if k in GROUP_KEYS}
+        kwargs = {k: v for k, v in options.items() if k not in GROUP_KEYS}
+        opt = FOAM(param_groups(model, policy, extra), lr=1e-3, **kwargs)
         zero_step(list(model.parameters()), opt)
     target = release_gradients(model, opt) if release else opt
-    return memory_report(model, target)
+    report = memory_report(model, target)
+    ratio = None
+    if "state_format" in options:
+        ex = explain(opt, model)
+        ratio = (ex.state_bytes, ex.adamw_bytes)
+    return report, ratio
 
 
 def table(rows, params: int) -> str:
@@ -136,16 +151,18 @@ def main() -> None:
     ap.add_argument("--json", help="also write every report's as_dict() here")
     args = ap.parse_args()
     cfg = CONFIGS[args.size]
-    rows, dicts, params = [], {}, 0
+    rows, dicts, params, ratios = [], {}, 0, {}
     for label, kind, options, release in SETUPS:
         why = foam_accepts(options) if kind == "foam" else None
         if why is not None:
             rows.append((label, why))
             continue
-        report = run_setup(cfg, kind, options, release, args.policy)
+        report, ratio = run_setup(cfg, kind, options, release, args.policy)
         params = report.params
         rows.append((label, report))
         dicts[label] = report.as_dict()
+        if ratio is not None and not release:
+            ratios[options["state_format"]] = ratio
         gc.collect()
     when = datetime.date.today().isoformat()
     text = "\n".join(
@@ -162,6 +179,12 @@ def main() -> None:
                     (c, next(iter(dicts.values()))["rows"][c]["adamw_bytes_per_param"])
                     for c in COLUMNS
                 )
+            ),
+            "",
+            *(
+                f"explain(), {fmt} state: {state:,} B of moments and scales against AdamW's "
+                f"{adamw:,} B = {state / adamw:.4f}x"
+                for fmt, (state, adamw) in ratios.items()
             ),
         ]
     )

@@ -107,3 +107,34 @@ def test_tied_and_frozen_parameters():
     assert report.adamw_bytes["gradients"] == 4 * 96
     assert report.adamw_bytes["master weights"] == 0  # float32 weights are their own master
     assert report.adamw_bytes["optimizer state"] == 8 * 96 + 4
+
+
+# int8 state (codes 1 B an element, a float32 scale per group of 32 along the stored last dim),
+# two moments each, level 2:
+#   [24, 10] -> [24, 3]: 2 * (72 + 24 * 4) = 336;  [24]: 2 * (24 + 1 * 4) = 56
+#   [6, 24]  -> [6, 6]:  2 * (36 + 6 * 4) = 120;   [6]:  2 * (6 + 1 * 4) = 20;  steps 16
+INT8_STATE = 336 + 56 + 120 + 20 + 16
+# int4: two codes a byte, rounded up per stored row
+#   [24, 3] -> 24 * 2 bytes; [24] -> 12; [6, 6] -> 6 * 3; [6] -> 3
+INT4_STATE = 2 * (48 + 96) + 2 * (12 + 4) + 2 * (18 + 24) + 2 * (3 + 4) + 16
+
+
+def test_quantized_state_with_correction_and_release_by_hand():
+    for fmt, state_bytes in (("int8", INT8_STATE), ("int4", INT4_STATE)):
+        model = make_model()
+        release = release_gradients(
+            model,
+            lambda ps, fmt=fmt: FOAM(
+                [{"params": ps, "state_format": fmt}], level=2, master_weights="int8"
+            ),
+        )
+        model(torch.randn(4, 10).to(BF16)).float().sum().backward()
+        report = memory_report(model, release)
+        assert all(st["foam_format"] == fmt for st in release.optimizer.state.values())
+        assert report.bytes == {
+            "weights": 2 * N,
+            "master weights": N,
+            "gradients": 0,
+            "optimizer state": state_bytes,
+        }, fmt
+        assert report.transient_gradient_bytes == 240 * 2
