@@ -374,18 +374,14 @@ def check_format_shards(fmt, p: Tensor, level: int, key: str, kind: str, what=No
     return shapes
 
 
-def _wrap_state(fmt, mine: dict, p: Tensor, level: int, key: str, kind: str, what) -> dict:
-    shapes = check_format_shards(fmt, p, level, key, kind, what)
-    return {k: _wrap_like(v, p, shapes[k]) for k, v in mine.items()}
-
-
 def format_zeros(fmt, p: Tensor, level: int, key: str, kind: str, what=None) -> dict:
     """``fmt.zeros(p, level, key, kind)``; for a ``DTensor`` ``p`` each tensor placed like it."""
     if not is_dtensor(p):
         return fmt.zeros(p, level, key, kind)
     check_foldable(p, level, what)
-    check_format_shards(fmt, p, level, key, kind, what)  # before any allocation
-    return _wrap_state(fmt, fmt.zeros(p.to_local(), level, key, kind), p, level, key, kind, what)
+    shapes = check_format_shards(fmt, p, level, key, kind, what)  # before any allocation
+    mine = fmt.zeros(p.to_local(), level, key, kind)
+    return {k: _wrap_like(v, p, shapes[k]) for k, v in mine.items()}
 
 
 def format_encode(
@@ -400,9 +396,9 @@ def format_encode(
     if not is_dtensor(p):
         return fmt.encode(value, p, key, kind)
     check_foldable(p, level, what)
-    check_format_shards(fmt, p, level, key, kind, what)
-    mine = like_param(value, p, level).to_local()
-    return _wrap_state(fmt, fmt.encode(mine, p.to_local(), key, kind), p, level, key, kind, what)
+    shapes = check_format_shards(fmt, p, level, key, kind, what)
+    mine = fmt.encode(like_param(value, p, level).to_local(), p.to_local(), key, kind)
+    return {k: _wrap_like(v, p, shapes[k]) for k, v in mine.items()}
 
 
 def format_decode(fmt, state: dict, key: str, kind: str, p: Tensor) -> Tensor:
