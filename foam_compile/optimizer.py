@@ -88,9 +88,27 @@ def check_levels(levels: Mapping | None, where: str) -> dict | None:
     return dict(levels)
 
 
+def check_state_formats(formats: Mapping | None, where: str) -> dict | None:
+    """``state_formats=`` (``{name or tensor: format}``) checked where it is given."""
+    if formats is None:
+        return None
+    if not isinstance(formats, Mapping):
+        raise TypeError(
+            f"{where}: state_formats must be a dict {{name or tensor: format}}, got {formats!r}"
+        )
+    for key, name in formats.items():
+        if not isinstance(key, (str, Tensor)):
+            raise TypeError(
+                f"{where}: state_formats keys must be parameter names or tensors, got {key!r}"
+            )
+        what = key if isinstance(key, str) else f"the tensor of shape {list(key.shape)}"
+        get_format(name, f"{where}: state_formats[{what!r}]")
+    return dict(formats)
+
+
 def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lookup: bool) -> int:
     """Run the folding policy for the parameters of ``groups`` not in ``decided`` (a
-    ``WeakIdKeyDictionary``), record its pins in their layouts and add them to ``decided``;
+    ``WeakIdKeyDictionary``), record its choices in their layouts and add them to ``decided``;
     returns how many it decided.
 
     With ``lookup=False`` only what needs no heap scan is decided (0-d/1-d tensors, explicit
@@ -99,8 +117,10 @@ def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lo
     parameter the policy leaves to its group has no layout entry either way.
     """
     levels = policy.get("levels") or {}
+    formats = policy.get("state_formats") or {}
     model = policy.get("model")
     by_tensor = {id(k) for k in levels if isinstance(k, Tensor)}
+    fmt_by_name = any(isinstance(k, str) for k in formats)
     todo, names = [], {}
     for group in groups:
         given = group.get("param_names")
@@ -109,13 +129,17 @@ def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lo
                 continue
             if given is not None and i < len(given):
                 names[id(p)] = given[i]
-            needs_names = p.dim() >= 2 and id(p) not in by_tensor and id(p) not in names
+            needs_names = ((p.dim() >= 2 and id(p) not in by_tensor) or fmt_by_name) and id(
+                p
+            ) not in names
             if needs_names and model is None and not lookup:
                 continue
             todo.append((group, i, p))
     if not todo:
         return 0
     explicit: set[int] = set()
+    chosen_formats: dict[int, str] = {}
+    stochastic: set[int] = set()
     pinned = overrides(
         [p for _, _, p in todo],
         names=names,
@@ -123,13 +147,20 @@ def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lo
         levels=levels,
         keep_unfolded=policy.get("keep_unfolded", KEEP_UNFOLDED),
         explicit=explicit,
+        formats=formats,
+        chosen_formats=chosen_formats,
+        stochastic=stochastic,
     )
     for group, i, p in todo:
-        # levels= given now wins; then a level already recorded (a checkpoint's, a plan's,
-        # set_levels'); then the policy's.
-        kept = "level" in layout.choice(group, i) and id(p) not in explicit
-        if pinned[id(p)] is not None and not kept:
+        # levels=/state_formats= given now win; then a choice already recorded (a
+        # checkpoint's, a plan's, set_levels'); then the policy's.
+        entry = layout.choice(group, i)
+        if pinned[id(p)] is not None and ("level" not in entry or id(p) in explicit):
             layout.record(group, i, level=pinned[id(p)])
+        if id(p) in chosen_formats:
+            layout.record(group, i, format=chosen_formats[id(p)])
+        elif id(p) in stochastic and "stochastic" not in entry:
+            layout.record(group, i, stochastic=True)
         decided[p] = True
     return len(todo)
 
@@ -152,6 +183,14 @@ class FOAM(torch.optim.Optimizer):
       parameters get correction bits in their state (``"master_rho"``), so that the optimizer
       steps a 24-bit (int8) or 32-bit (int16) weight while the model holds 16 bits
       (:mod:`foam_compile.master_weights`; float32 parameters need none and get none).
+    - ``state_format``: how the moments are stored, one of :mod:`foam_compile.state`'s names:
+      ``"fp32"`` (default), ``"int8"``, ``"int4"`` (block-scaled codes, round to nearest) or
+      ``"int8-sr"``, ``"int4-sr"`` (stochastic rounding). With a quantized format, embeddings
+      and the output head take its stochastic variant (:mod:`foam_compile.policy`).
+      ``state_formats={name or tensor: format}`` pins formats per parameter (it wins over that
+      default). Changing a group's ``state_format`` between steps re-encodes its moments at the
+      next step; ``load_state_dict`` re-encodes a checkpoint's moments into this optimizer's
+      group formats.
 
     The folding policy (:mod:`foam_compile.policy`) keeps embeddings, the output head and norms
     at level 0, by name: names come from named parameters, ``model=``, or the live module that
@@ -190,6 +229,8 @@ class FOAM(torch.optim.Optimizer):
         levels: Mapping[str | Tensor, int] | None = None,
         keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
         master_weights: str | None = None,
+        state_format: str = "fp32",
+        state_formats: Mapping[str | Tensor, str] | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -205,13 +246,18 @@ class FOAM(torch.optim.Optimizer):
             capturable=capturable,
             master_weights=master_weights,
         )
+        if state_format != DEFAULT_FORMAT:  # absent means fp32: default state dicts unchanged
+            defaults["state_format"] = state_format
         Hyper.from_group(defaults)
         check_autotune_options(
             "FOAM", budget=budget, max_error=max_error, calibration_steps=calibration_steps
         )
         # Set before super().__init__, which adds the param groups through add_param_group.
         self.foam_policy = dict(
-            model=model, levels=check_levels(levels, "FOAM"), keep_unfolded=keep_unfolded
+            model=model,
+            levels=check_levels(levels, "FOAM"),
+            keep_unfolded=keep_unfolded,
+            state_formats=check_state_formats(state_formats, "FOAM"),
         )
         self.autotune = dict(
             FOAM_AUTOTUNE,
@@ -275,9 +321,15 @@ class FOAM(torch.optim.Optimizer):
         depends on names it has not been given yet."""
         if p.dim() < 2 or p in self._decided():
             return
-        levels = self._policy().get("levels") or {}
-        if layout.group_level(group) == 0 and not any(isinstance(k, str) for k in levels):
-            return  # nothing the policy says can change a level-0 group's parameter
+        policy = self._policy()
+        by_name = [k for key in ("levels", "state_formats") for k in policy.get(key) or {}]
+        quantized = group.get("state_format", DEFAULT_FORMAT) != DEFAULT_FORMAT
+        if (
+            layout.group_level(group) == 0
+            and not quantized
+            and not any(isinstance(k, str) for k in by_name)
+        ):
+            return  # nothing the policy says can change a level-0 fp32 group's parameter
         self._decide_all()
 
     def _init_group(self, group, params, grads, tensors, slots):
@@ -315,6 +367,7 @@ class FOAM(torch.optim.Optimizer):
                 )
             master_weights.reconcile_(p, state, hp.master_weights, what)
             level, fmt = state["foam_level"], format_of(state)
+            target_fmt = get_format(layout.format_for(group, pi, DEFAULT_FORMAT), what)
             if hp.amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on mid-run
                 v = fmt.decode(state, "exp_avg_sq", "square", p).clone()
                 state.update(fmt.encode(v, p, "max_exp_avg_sq", "square"))
@@ -324,12 +377,20 @@ class FOAM(torch.optim.Optimizer):
                 if why is not None:
                     raise RuntimeError(f"FOAM: {key} of {what} {why} for level {level}")
             target = layout.level_for(group, pi, p)
-            if level != target:  # the group's level was changed: re-fold, as set_levels does
-                state_now = checkpoint.relevel(p, state, target, moments)
-                log.info("foam: %s re-folded from level %d to %d", what, level, target)
+            if level != target or fmt.name != target_fmt.name:
+                # The group's level or state format was changed: re-fold and/or re-encode.
+                state_now = checkpoint.relayout(p, state, moments, level=target, fmt=target_fmt)
+                log.info(
+                    "foam: %s moved from level %d (%s) to %d (%s)",
+                    what,
+                    level,
+                    fmt.name,
+                    target,
+                    target_fmt.name,
+                )
                 state.clear()
                 state.update(state_now)
-                level = target
+                level, fmt = target, target_fmt
             keys = ["step"] + [k for key, _kind in moments for k in fmt.keys(key)]
             if master_weights.RHO_KEY in state:
                 keys.append(master_weights.RHO_KEY)
@@ -456,12 +517,17 @@ class FOAM(torch.optim.Optimizer):
         torch's order is kept: load_state_dict pre-hooks see (and may replace) the state dict
         before FOAM checks it; post-hooks run once FOAM's state is in place. Everything is
         checked before the optimizer changes; on error the state is untouched.
+
+        The checkpoint's options win, as in torch, except each group's ``state_format``: moments
+        saved in another format are re-encoded into this optimizer's (a run resumed with
+        ``state_format="int8"`` keeps int8 moments whatever the checkpoint holds).
         """
         state_dict = state_dict.copy()  # shallow, as torch does
         for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = _with_group_formats(state_dict, self.param_groups)
         if any("foam_level" not in st for st in dict(state_dict.get("state", {})).values()):
             self._decide_all()  # stock moments are folded at each parameter's level
         family = self.foam_family
@@ -471,8 +537,11 @@ class FOAM(torch.optim.Optimizer):
             where="FOAM.load_state_dict",
             moments_of_group=lambda g: family.moments(family.hyper(g)),
         )
-        kept = [
-            {**{k: g.get(k, v) for k, v in GROUP_DEFAULTS.items()}, LAYOUT_KEY: g.get(LAYOUT_KEY)}
+        kept = [  # state_format is the loading optimizer's already (_with_group_formats)
+            {
+                **{k: g.get(k, v) for k, v in GROUP_DEFAULTS.items() if k != "state_format"},
+                LAYOUT_KEY: g.get(LAYOUT_KEY),
+            }
             for g in self.param_groups
         ]
         pre, post = (
@@ -500,6 +569,7 @@ class FOAM(torch.optim.Optimizer):
                     value = like_param(value.to(device=p.device), p, st.get("foam_level", 0))
                 st[key] = value
         self._pin_loaded_levels()
+        self._reencode_loaded_formats()
         self._foam_decided = WeakIdKeyDictionary()  # the loaded layouts are the record now
         if not hasattr(self, "autotune"):
             self.autotune = dict(FOAM_AUTOTUNE)
@@ -515,6 +585,21 @@ class FOAM(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and "foam_level" in st and st["foam_level"] != layout.level_for(group, i, p):
                     layout.record(group, i, level=st["foam_level"])
+
+    def _reencode_loaded_formats(self) -> None:
+        """Moments loaded in another format than their layout now says are re-encoded."""
+        family = self.foam_family
+        for group in self.param_groups:
+            moments = family.moments(family.hyper(group))
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st or "foam_level" not in st:
+                    continue
+                fmt = get_format(layout.format_for(group, i, DEFAULT_FORMAT))
+                if fmt.name != format_of(st).name:
+                    new = checkpoint.relayout(p, st, moments, fmt=fmt)
+                    st.clear()
+                    st.update(new)
 
     # --------------------------------------------------------------------- copy, pickle
     def __getstate__(self) -> dict[str, Any]:
@@ -534,6 +619,23 @@ class FOAM(torch.optim.Optimizer):
         super().__setstate__(state)
         if "_foam_calibrating" in state and state["_foam_calibrating"]:
             _calibrate_outside_compile()
+
+
+def _with_group_formats(state_dict: dict, groups: list[dict]) -> dict:
+    """``state_dict`` with each saved param group's ``state_format`` replaced by the loading
+    optimizer's (a malformed state dict is returned as it is: ``prepare_load`` says why)."""
+    saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        return state_dict
+    if not all(isinstance(g, dict) for g in saved):
+        return state_dict
+    new = []
+    for s, g in zip(saved, groups):
+        s = {k: v for k, v in s.items() if k != "state_format"}  # absent means fp32
+        if "state_format" in g:
+            s["state_format"] = g["state_format"]
+        new.append(s)
+    return {**state_dict, "param_groups": new}
 
 
 def _states(tensors: list[Tensor], slots: list[tuple]) -> list[dict]:
