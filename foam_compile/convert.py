@@ -94,6 +94,7 @@ def convert(
     state_format: str | None = None,
     state_formats: Mapping[str | Tensor, str] | None = None,
     master_weights: str | None = None,
+    formats: Iterable[str] | None = None,
 ) -> torch.optim.Optimizer:
     """Convert a ``torch.optim.AdamW`` or ``Adam`` into FOAM in place, and return it.
 
@@ -108,7 +109,8 @@ def convert(
 
     ``level="auto"`` calibrates on the next ``calibration_steps`` real steps (run as AdamW), then
     folds each parameter at the level the planner picks under ``budget`` and/or ``max_error``
-    (see :class:`FOAM`). ``tensor_lr=True`` turns float learning rates into 0-d tensors, so that
+    (see :class:`FOAM`; ``formats``, e.g. ``("fp32", "int8")``, lets it pick formats too).
+    ``tensor_lr=True`` turns float learning rates into 0-d tensors, so that
     a scheduler does not recompile a compiled step (its schedulers keep reporting floats).
 
     ``state_format`` (default ``"fp32"``; ``"int8"``, ``"int4"``, ``"int8-sr"``, ``"int4-sr"``)
@@ -136,8 +138,12 @@ def convert(
     check_options(where, **given)
     levels = check_levels(levels, where)
     state_formats = check_state_formats(state_formats, where)
-    check_autotune_options(
-        where, budget=budget, max_error=max_error, calibration_steps=calibration_steps
+    formats = check_autotune_options(
+        where,
+        budget=budget,
+        max_error=max_error,
+        calibration_steps=calibration_steps,
+        formats=formats,
     )
     if isinstance(optimizer, FOAM):
         policy = dict(levels=levels, model=model, keep_unfolded=keep_unfolded)
@@ -167,6 +173,7 @@ def convert(
         budget=budget,
         max_error=max_error,
         calibration_steps=calibration_steps,
+        formats=formats,
     )
 
     # Decide every parameter's layout on copies of the groups (the policy; a stock optimizer
@@ -213,6 +220,7 @@ def convert(
     optimizer.autotune = dict(
         budget=budget,
         max_error=max_error,
+        formats=formats,
         steps=calibration_steps,
         model=model,
         keep_unfolded=keep_unfolded,

@@ -87,6 +87,7 @@ class FoamBackend:
             budget=convert_options.get("budget"),
             max_error=convert_options.get("max_error"),
             calibration_steps=convert_options.get("calibration_steps", 8),
+            formats=convert_options.get("formats"),
         )
         self.convert_options = convert_options
         self.tensor_lr = tensor_lr

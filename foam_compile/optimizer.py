@@ -33,7 +33,7 @@ from . import backends, checkpoint, layout, master_weights
 from .families import Family, family_of
 from .hyper import GROUP_DEFAULTS, Hyper, check_level
 from .layout import LAYOUT_KEY
-from .policy import KEEP_UNFOLDED, overrides
+from .policy import KEEP_UNFOLDED, overrides, stochastic_variant
 from .reference import folded_shape
 from .state import DEFAULT_FORMAT, format_of, get_format
 
@@ -51,6 +51,7 @@ log = logging.getLogger("foam_compile")
 FOAM_AUTOTUNE = {
     "budget": None,
     "max_error": None,
+    "formats": None,
     "steps": 8,
     "model": None,
     "keep_unfolded": None,
@@ -204,7 +205,9 @@ class FOAM(torch.optim.Optimizer):
     candidate level is measured, then :func:`foam_compile.plan` chooses levels under ``budget``
     (state as a fraction of AdamW's, in (0, 1)) and/or ``max_error``, the moments are folded,
     and the plan's report is logged once (logger ``foam_compile``; the plan is kept in
-    ``optimizer.foam_plan``).
+    ``optimizer.foam_plan``). ``formats`` (e.g. ``("fp32", "int8")``) lets the plan pick each
+    parameter's state format too (default: every parameter keeps its group's format); a plan's
+    quantized format on an embedding or the head is rounded stochastically, as above.
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class FOAM(torch.optim.Optimizer):
         master_weights: str | None = None,
         state_format: str = "fp32",
         state_formats: Mapping[str | Tensor, str] | None = None,
+        formats: Iterable[str] | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -249,8 +253,12 @@ class FOAM(torch.optim.Optimizer):
         if state_format != DEFAULT_FORMAT:  # absent means fp32: default state dicts unchanged
             defaults["state_format"] = state_format
         Hyper.from_group(defaults)
-        check_autotune_options(
-            "FOAM", budget=budget, max_error=max_error, calibration_steps=calibration_steps
+        formats = check_autotune_options(
+            "FOAM",
+            budget=budget,
+            max_error=max_error,
+            calibration_steps=calibration_steps,
+            formats=formats,
         )
         # Set before super().__init__, which adds the param groups through add_param_group.
         self.foam_policy = dict(
@@ -263,6 +271,7 @@ class FOAM(torch.optim.Optimizer):
             FOAM_AUTOTUNE,
             budget=budget,
             max_error=max_error,
+            formats=formats,
             steps=int(calibration_steps),
             model=model,
             keep_unfolded=keep_unfolded,
@@ -442,7 +451,10 @@ class FOAM(torch.optim.Optimizer):
             tuner = self._foam_tuner = _make_tuner(self)
         plan = tuner.observe()
         if plan is not None:
-            self.set_levels(plan.levels_by_param())
+            if self.autotune.get("formats"):
+                self._apply_layouts(plan.layouts_by_param())
+            else:
+                self.set_levels(plan.levels_by_param())
             self.foam_plan = plan
             self._foam_calibrating = False
             for group in self.param_groups:  # saved with the checkpoint: resuming won't re-plan
@@ -482,6 +494,21 @@ class FOAM(torch.optim.Optimizer):
                 new = checkpoint.relevel(p, state, layout.level_for(group, i, p), moments)
                 state.clear()
                 state.update(new)
+
+    def _apply_layouts(self, layouts: dict[Tensor, tuple[int, str]]) -> None:
+        """A ``level='auto'`` plan with formats: each parameter's level, and its format where it
+        differs from what its group and the policy give (stochastic for embeddings/the head).
+        A format pinned by ``state_formats=`` is kept."""
+        self._decide_all()
+        index = {p: (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
+        for p, (level, fmt) in layouts.items():
+            if p not in index:
+                continue
+            group, i = index[p]
+            entry = layout.choice(group, i)
+            name = stochastic_variant(fmt) if entry.get("stochastic") else fmt
+            same = "format" in entry or name == layout.format_for(group, i, DEFAULT_FORMAT)
+            self._set_layout(p, level=level, state_format=None if same else name)
 
     @torch.no_grad()
     def _set_layout(self, p: Tensor, *, level: int | None = None, state_format=None) -> None:
@@ -663,8 +690,11 @@ def _finite(value) -> bool:
     )
 
 
-def check_autotune_options(where: str, *, budget=None, max_error=None, calibration_steps=8):
-    """``level='auto'``'s options, each checked where it is given (FOAM, convert, backend)."""
+def check_autotune_options(
+    where: str, *, budget=None, max_error=None, calibration_steps=8, formats=None
+) -> tuple[str, ...] | None:
+    """``level='auto'``'s options, each checked where it is given (FOAM, convert, backend);
+    returns ``formats`` as a tuple (``None``: not given)."""
     if budget is not None and not (_finite(budget) and 0 < budget < 1):
         raise ValueError(
             f"{where}: invalid budget={budget!r}; it is FOAM's optimizer state as a fraction of "
@@ -683,20 +713,38 @@ def check_autotune_options(where: str, *, budget=None, max_error=None, calibrati
         raise ValueError(
             f"{where}: invalid calibration_steps={calibration_steps!r}; use an int >= 1"
         )
+    if formats is None:
+        return None
+    if isinstance(formats, str) or not isinstance(formats, Iterable):
+        raise TypeError(
+            f"{where}: formats must be a list of state formats for level='auto' to choose "
+            f"from, e.g. ('fp32', 'int8'); got {formats!r}"
+        )
+    formats = tuple(formats)
+    if not formats:
+        raise ValueError(f"{where}: formats is empty; give e.g. ('fp32', 'int8')")
+    for name in formats:
+        get_format(name, f"{where}: formats")
+    return formats
 
 
 def check_autotune(
-    where: str, *, auto: bool, budget=None, max_error=None, calibration_steps=8
+    where: str, *, auto: bool, budget=None, max_error=None, calibration_steps=8, formats=None
 ) -> None:
     """Check ``level='auto'``'s options and that they go with a ``level='auto'``."""
     check_autotune_options(
-        where, budget=budget, max_error=max_error, calibration_steps=calibration_steps
+        where,
+        budget=budget,
+        max_error=max_error,
+        calibration_steps=calibration_steps,
+        formats=formats,
     )
     if not auto:
-        if budget is not None or max_error is not None:
+        if budget is not None or max_error is not None or formats is not None:
             raise ValueError(
-                f"{where}: budget= and max_error= choose the levels of level='auto' only; pass "
-                "level='auto' with them, or drop them for a fixed level"
+                f"{where}: budget=, max_error= and formats= choose the levels (and formats) of "
+                "level='auto' only; pass level='auto' with them, or drop them for a fixed level "
+                "(state_format= sets a fixed format)"
             )
         return
     if budget is None and max_error is None:
@@ -715,6 +763,7 @@ def _check_autotune(opt, where: str = "FOAM", *, given: bool = False) -> None:
         auto=auto,
         budget=opt.autotune.get("budget") if auto or given else None,
         max_error=opt.autotune.get("max_error") if auto or given else None,
+        formats=opt.autotune.get("formats") if auto or given else None,
         calibration_steps=opt.autotune.get("steps", 8),
     )
     if auto and given and opt.autotune.get("budget") is not None:
@@ -763,6 +812,8 @@ def _planner_options(opt, keep, fixed) -> dict:
     kw["keep"] = keep
     kw["fixed"] = fixed
     kw["keep_unfolded"] = tuple(opt._policy().get("keep_unfolded") or ())
+    if opt.autotune.get("formats"):
+        kw["formats"] = tuple(opt.autotune["formats"])
     return kw
 
 

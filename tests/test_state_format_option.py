@@ -349,3 +349,49 @@ def test_compiled_stock_adamw_runs_with_int8_state(fresh_dynamo):
         assert st["foam_format"] == "int8"
         assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
         assert ((p - q).abs() <= t).all(), ((p - q).abs() - t).max()
+
+
+# ------------------------------------------------------------------------------ level="auto"
+
+
+def test_auto_plan_picks_formats_within_budget_and_keeps_sr_default():
+    """formats= lets level='auto' choose (level, format); the budget (below what float32 state
+    can reach: embedding and head stay at level 0) is met, and a quantized embedding/head is
+    rounded stochastically."""
+    torch.manual_seed(0)
+    model = LM(vocab=64, dim=32)
+    with pytest.raises(ValueError, match="least state possible"):  # float32 only: unreachable
+        FOAM(model.named_parameters(), level="auto", budget=0.3, calibration_steps=2)
+    opt = FOAM(
+        model.named_parameters(),
+        lr=1e-2,
+        level="auto",
+        budget=0.3,
+        formats=("fp32", "int8"),
+        calibration_steps=2,
+    )
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        model(torch.randint(0, 64, (4, 9), generator=g)).square().mean().backward()
+        opt.step()
+    got = formats_by_name(model, opt)
+    assert got["embed.weight"] == "int8-sr" and got["lm_head.weight"] == "int8-sr"
+    table = foam_compile.explain(opt, model)
+    assert table.state_bytes <= 0.3 * table.adamw_bytes
+    assert opt.foam_plan.formats["embed.weight"] == "int8"  # the plan's choice, rounded SR
+
+
+def test_formats_option_is_checked_where_given():
+    model = lm()
+    for build in (
+        lambda **kw: FOAM(model.parameters(), **kw),
+        lambda **kw: foam_compile.convert(torch.optim.AdamW(model.parameters()), **kw),
+        foam_compile.backend,
+    ):
+        with pytest.raises(ValueError, match="formats= choose the levels .* of level='auto' only"):
+            build(formats=("fp32", "int8"))
+        with pytest.raises(ValueError, match="formats: unknown state_format='int9'"):
+            build(level="auto", budget=0.5, formats=("int9",))
+        with pytest.raises(TypeError, match="formats must be a list of state formats"):
+            build(level="auto", budget=0.5, formats="int8")
