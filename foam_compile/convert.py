@@ -207,8 +207,8 @@ def convert(
     all_groups = [*optimizer.param_groups, optimizer.defaults]
     for group, options, hp in zip(all_groups, [*group_options, defaults], [*hypers, hypers[0]]):
         group.update(options)
-        if group.get("state_format") == DEFAULT_FORMAT:  # absent means fp32, as in FOAM(...)
-            del group["state_format"]
+        if state_format is None:  # not given: absent (fp32), as in FOAM(...)
+            group.pop("state_format", None)
         group["decoupled_weight_decay"] = hp.decoupled_weight_decay
         group["fused"] = False  # FOAM's step replaces the fused kernel; keeps load casts right
     for group, draft in zip(optimizer.param_groups, drafts):

@@ -44,6 +44,12 @@ def _number(where: str, name: str, value) -> float:
     return float(value)
 
 
+def _or_default(group: dict, key: str):
+    """``group[key]``, or its default when missing or ``None`` (not given)."""
+    value = group.get(key)
+    return GROUP_DEFAULTS[key] if value is None else value
+
+
 def check_level(level, where: str = "FOAM", *, auto: bool = True) -> int | str:
     """An int level in ``[0, MAX_LEVEL]`` (or ``'auto'`` where allowed); raises otherwise."""
     if auto and level == "auto":
@@ -125,7 +131,7 @@ class Hyper:
                 where, "res_scale", group.get("res_scale", GROUP_DEFAULTS["res_scale"])
             ),
             master_weights=group.get("master_weights", GROUP_DEFAULTS["master_weights"]),
-            state_format=group.get("state_format", GROUP_DEFAULTS["state_format"]),
+            state_format=_or_default(group, "state_format"),
         )
         _check(values, where)  # with the caller's name in the message; __init__ re-checks
         return cls(**values)

@@ -190,8 +190,8 @@ class FOAM(torch.optim.Optimizer):
       and the output head take its stochastic variant (:mod:`foam_compile.policy`).
       ``state_formats={name or tensor: format}`` pins formats per parameter (it wins over that
       default). Changing a group's ``state_format`` between steps re-encodes its moments at the
-      next step; ``load_state_dict`` re-encodes a checkpoint's moments into this optimizer's
-      group formats.
+      next step. ``load_state_dict`` keeps a checkpoint's formats unless the group's
+      ``state_format`` was given (even ``"fp32"``): then it re-encodes into that format.
 
     The folding policy (:mod:`foam_compile.policy`) keeps embeddings, the output head and norms
     at level 0, by name: names come from named parameters, ``model=``, or the live module that
@@ -232,7 +232,7 @@ class FOAM(torch.optim.Optimizer):
         levels: Mapping[str | Tensor, int] | None = None,
         keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
         master_weights: str | None = None,
-        state_format: str = "fp32",
+        state_format: str | None = None,
         state_formats: Mapping[str | Tensor, str] | None = None,
         formats: Iterable[str] | None = None,
     ):
@@ -250,7 +250,7 @@ class FOAM(torch.optim.Optimizer):
             capturable=capturable,
             master_weights=master_weights,
         )
-        if state_format != DEFAULT_FORMAT:  # absent means fp32: default state dicts unchanged
+        if state_format is not None:  # absent means fp32: default state dicts unchanged
             defaults["state_format"] = state_format
         Hyper.from_group(defaults)
         formats = check_autotune_options(
@@ -512,10 +512,10 @@ class FOAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _set_layout(self, p: Tensor, *, level: int | None = None, state_format=None) -> None:
-        """Internal (until ``state_format=`` is an option everywhere): record that ``p``'s
-        moments live at ``level`` and in the state format named ``state_format`` (``None``:
-        keep), and re-encode the state it already has. Without state, the choice is honoured
-        when the first gradient creates it."""
+        """Internal (users give ``state_format=``/``state_formats=``; plans use it): record that
+        ``p``'s moments live at ``level`` and in the state format named ``state_format``
+        (``None``: keep), and re-encode the state it already has. Without state, the choice is
+        honoured when the first gradient creates it."""
         where = next(
             ((g, i) for g in self.param_groups for i, q in enumerate(g["params"]) if q is p), None
         )
@@ -545,9 +545,10 @@ class FOAM(torch.optim.Optimizer):
         before FOAM checks it; post-hooks run once FOAM's state is in place. Everything is
         checked before the optimizer changes; on error the state is untouched.
 
-        The checkpoint's options win, as in torch, except each group's ``state_format``: moments
-        saved in another format are re-encoded into this optimizer's (a run resumed with
-        ``state_format="int8"`` keeps int8 moments whatever the checkpoint holds).
+        The checkpoint's options win, as in torch, except a ``state_format`` this optimizer's
+        group was given: moments saved in another format are re-encoded into it (a run resumed
+        with ``state_format="int8"`` keeps int8 moments whatever the checkpoint holds; one built
+        without the option takes the checkpoint's formats).
         """
         state_dict = state_dict.copy()  # shallow, as torch does
         for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
@@ -650,18 +651,17 @@ class FOAM(torch.optim.Optimizer):
 
 def _with_group_formats(state_dict: dict, groups: list[dict]) -> dict:
     """``state_dict`` with each saved param group's ``state_format`` replaced by the loading
-    optimizer's (a malformed state dict is returned as it is: ``prepare_load`` says why)."""
+    optimizer's where that group was given one (a malformed state dict is returned as it is:
+    ``prepare_load`` says why)."""
     saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
     if not isinstance(saved, list) or len(saved) != len(groups):
         return state_dict
     if not all(isinstance(g, dict) for g in saved):
         return state_dict
-    new = []
-    for s, g in zip(saved, groups):
-        s = {k: v for k, v in s.items() if k != "state_format"}  # absent means fp32
-        if "state_format" in g:
-            s["state_format"] = g["state_format"]
-        new.append(s)
+    new = [
+        {**s, "state_format": g["state_format"]} if g.get("state_format") else s
+        for s, g in zip(saved, groups)
+    ]
     return {**state_dict, "param_groups": new}
 
 

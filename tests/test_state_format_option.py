@@ -56,23 +56,22 @@ def formats_by_name(model: nn.Module, opt) -> dict[str, str]:
 # ------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("bad", ["int3", "INT8", "", None, 8])
+@pytest.mark.parametrize("bad", ["int3", "INT8", "", 8])
 def test_bad_state_format_is_refused_everywhere(bad):
     names = r"use one of \['fp32', 'int4', 'int4-sr', 'int8', 'int8-sr'\]"
     model = lm()
     with pytest.raises(ValueError, match=f"FOAM: unknown state_format=.*{names}"):
         FOAM(model.parameters(), state_format=bad)
-    if bad is not None:  # None means "not given" for convert and the backend
-        opt = torch.optim.AdamW(model.parameters())
-        with pytest.raises(
-            ValueError, match=f"foam_compile.convert: unknown state_format.*{names}"
-        ):
-            foam_compile.convert(opt, state_format=bad)
-        assert type(opt) is torch.optim.AdamW  # nothing changed
-        with pytest.raises(
-            ValueError, match=f"foam_compile.backend: unknown state_format.*{names}"
-        ):
-            foam_compile.backend(state_format=bad)
+    with pytest.raises(ValueError, match=f"unknown state_format=.*{names}"):
+        FOAM(model.proj.parameters()).add_param_group(
+            {"params": model.lm_head.parameters(), "state_format": bad}
+        )
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=f"foam_compile.convert: unknown state_format.*{names}"):
+        foam_compile.convert(opt, state_format=bad)
+    assert type(opt) is torch.optim.AdamW  # nothing changed
+    with pytest.raises(ValueError, match=f"foam_compile.backend: unknown state_format.*{names}"):
+        foam_compile.backend(state_format=bad)
 
 
 def test_bad_state_formats_mapping_is_refused_everywhere():
@@ -285,6 +284,30 @@ def test_loading_into_another_format_re_encodes(into):
             expected = fmt_new.encode(value, q, key, kind)
             for part, t in expected.items():
                 assert torch.equal(new[part], t), (n, part)
+
+
+def test_an_optimizer_built_without_the_option_takes_the_checkpoints_formats():
+    """Resuming with FOAM(...) or convert(AdamW(...)) and no state_format: the checkpoint's
+    formats (and group key) win, as torch's options do."""
+    model = lm()
+    opt = FOAM(model.named_parameters(), lr=1e-2, state_format="int4")
+    backward(model, 0)
+    opt.step()
+    sd = opt.state_dict()
+    for build in (
+        lambda m: FOAM(m.named_parameters(), lr=1e-2),
+        lambda m: foam_compile.convert(torch.optim.AdamW(m.parameters(), lr=1e-2)),
+    ):
+        twin = copy.deepcopy(model)
+        loaded = build(twin)
+        assert "state_format" not in loaded.param_groups[0]
+        loaded.load_state_dict(copy.deepcopy(sd))
+        assert loaded.param_groups[0]["state_format"] == "int4"
+        assert formats_by_name(twin, loaded) == formats_by_name(model, opt)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            for key, value in opt.state[p].items():
+                if torch.is_tensor(value):
+                    assert torch.equal(value, loaded.state[q][key])
 
 
 def test_stock_checkpoint_loads_into_a_quantized_optimizer():
