@@ -102,7 +102,7 @@ def test_tiny_run_writes_report_and_both_losses_fall(tmp_path):
         < rows["optimizer state"]["adamw_bytes_per_param"]
     )
     assert (out / "loss.png").stat().st_size > 0
-    assert "FOAM / AdamW" in (out / "report.md").read_text()
+    assert "| foam / AdamW | foam-int8 / AdamW |" in (out / "report.md").read_text()
 
 
 def test_bf16_weights_with_correction_and_int8_state(tmp_path):
