@@ -45,8 +45,9 @@ __all__ = [
 # A top-level ``output``/``head`` is an output projection (Meta LLaMA, ViT); a nested one (BERT's
 # ``attention.output.dense``) is an ordinary weight that folds.
 KEEP_UNFOLDED = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"^head\.", r"^output\.", r"norm")
-# Names of embeddings and output heads: with a quantized state format they round stochastically.
-STOCHASTIC_ROUNDING = KEEP_UNFOLDED[:-1]
+# Names of embeddings and output heads (KEEP_UNFOLDED but norms): with a quantized state format
+# they round stochastically.
+STOCHASTIC_ROUNDING = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"^head\.", r"^output\.")
 
 
 def stochastic_variant(name: str) -> str:
