@@ -130,9 +130,10 @@ def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lo
                 continue
             if given is not None and i < len(given):
                 names[id(p)] = given[i]
-            needs_names = ((p.dim() >= 2 and id(p) not in by_tensor) or fmt_by_name) and id(
-                p
-            ) not in names
+            named_now = id(p) in names
+            needs_names = not named_now and (
+                (p.dim() >= 2 and id(p) not in by_tensor) or fmt_by_name
+            )
             if needs_names and model is None and not lookup:
                 continue
             todo.append((group, i, p))
