@@ -1,4 +1,4 @@
-"""Train a small LLaMA twice on real text: stock AdamW, then the same AdamW compiled to FOAM.
+"""Train a small LLaMA on real text: stock AdamW, then the same AdamW compiled to FOAM.
 
 FOAM (arXiv 2512.07112) keeps Adam's two moments as means over blocks of 2**level elements, so
 the optimizer state of the folded weights shrinks by 2**level. Here you do not call a new
@@ -12,10 +12,17 @@ The FOAM run follows the paper's recipe: the 2-d attention and MLP weights fold 
 (blocks of 4) with step scale 0.25 and lr 1e-2; embeddings, the output head, norms and 1-d
 parameters stay plain Adam (level 0). The AdamW baseline gets its own best lr (3e-3, from a
 sweep at the default size), as the paper's Adam baselines do: at 1e-2 it would lose by ~8%,
-which says nothing about FOAM. Both runs start from the same weights and see the same batches.
+which says nothing about FOAM. Every run starts from the same weights and sees the same batches.
+
+By default three runs: AdamW, FOAM with float32 moments, FOAM with int8 moments
+(``state_format="int8"``; embeddings and the head round stochastically). ``--state-format X``
+runs AdamW and one FOAM run in format X; ``--dtype bf16`` trains the FOAM runs' weights in
+bfloat16, with ``--master-weights int8`` (8 correction bits per weight) or ``int16``; AdamW
+stays float32, the reference.
 
     python examples/train_llama.py                    # complete works of Shakespeare (~5 MB)
     python examples/train_llama.py --text book.txt    # any UTF-8 text
+    python examples/train_llama.py --dtype bf16 --master-weights int8 --state-format int8
 
 Writes ``--out`` (default ``out/demo``): ``report.json``, ``report.md`` and ``loss.png``.
 Needs the example extras: ``pip install matplotlib tqdm`` and, for the default corpus,
@@ -198,7 +205,7 @@ class Llama(nn.Module):
 
 
 def causal_lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    logits = model(x)
+    logits = model(x).float()  # a bf16 model's loss in float32
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
 
 
@@ -243,26 +250,54 @@ def evaluate(model: nn.Module, batches) -> float:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """What the optimizer keeps between steps: every tensor in ``opt.state``."""
-    return sum(v.nbytes for st in opt.state.values() for v in st.values() if isinstance(v, Tensor))
+    """What the optimizer keeps between steps: every tensor in ``opt.state`` but correction
+    bits (``master_rho``: weight bits, in ``memory_report``'s "master weights" row)."""
+    return sum(
+        v.nbytes
+        for st in opt.state.values()
+        for k, v in st.items()
+        if isinstance(v, Tensor) and k != "master_rho"
+    )
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def run_specs(args) -> dict[str, dict]:
+    """Run name -> FOAM options (``None``: the AdamW baseline, float32)."""
+    foam = dict(dtype=args.dtype, master_weights=args.master_weights)
+    tag = "" if args.dtype == "fp32" else f"-{args.dtype}"
+    if args.state_format is None:  # the default demo: float32 and int8 moments
+        formats = ["fp32", "int8"]
+    else:
+        formats = [args.state_format]
+    specs: dict[str, dict | None] = {"adamw": None}
+    for fmt in formats:
+        name = "foam" + tag + ("" if fmt == "fp32" and len(formats) > 1 else f"-{fmt}")
+        specs["foam" if fmt == "fp32" and not tag else name] = {**foam, "state_format": fmt}
+    return specs
 
 
 def eval_interval(steps: int, evals: int | None) -> int:
-    """Steps between validations: ``evals`` points per run when given; by default 20, but no
+    """Steps between validations: ``evals`` points per run when given; by default 10, but no
     closer than every 25 steps, so that a short trial run does not validate at every step."""
     if evals is None:
-        evals = min(20, max(1, steps // 25))
-    return max(1, math.ceil(steps / max(1, evals)))  # 600 steps, 20 points: every 30
+        evals = min(10, max(1, steps // 25))
+    return max(1, math.ceil(steps / max(1, evals)))  # 400 steps, 10 points: every 40
 
 
-def train(name: str, args, train_data: Tensor, val_batches) -> dict:
-    """One run. ``name`` is "adamw" or "foam"; everything else is identical between the two."""
+def train(name: str, spec: dict | None, args, train_data: Tensor, val_batches) -> dict:
+    """One run: ``spec`` is ``None`` for AdamW, else the FOAM run's options (``run_specs``);
+    everything else is identical between the runs."""
     from tqdm import tqdm
 
-    torch.manual_seed(args.seed)  # same initial weights for both runs
+    torch.manual_seed(args.seed)  # same initial weights for every run
     model = Llama(256, args.dim, args.layers, args.heads, args.seq_len)
+    is_foam = spec is not None
+    if is_foam:
+        model.to(DTYPES[spec["dtype"]])
     # lr as a tensor: the scheduler then updates it in place instead of recompiling the step.
-    lr = args.lr if name == "foam" else args.adamw_lr
+    lr = args.lr if is_foam else args.adamw_lr
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=torch.tensor(lr),
@@ -275,10 +310,16 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
 
     step_fn = make_train_step(model, opt)
     torch._dynamo.reset()  # each run compiles from scratch, so the compile times compare
-    if name == "foam":
+    if is_foam:
         # The paper's recipe; the backend's default policy keeps embeddings, head, norms and 1-d
         # parameters at level 0 (plain Adam). Without --compile, convert the optimizer directly.
-        recipe = dict(level=args.level, scale=args.scale, model=model)
+        recipe = dict(
+            level=args.level,
+            scale=args.scale,
+            model=model,
+            state_format=spec["state_format"],
+            master_weights=spec["master_weights"],
+        )
         if args.compile:
             step_fn = torch.compile(step_fn, backend=foam_compile.backend(**recipe))
         else:
@@ -286,7 +327,7 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
     elif args.compile:
         step_fn = torch.compile(step_fn)
 
-    gen = torch.Generator().manual_seed(args.seed)  # same batches for both runs
+    gen = torch.Generator().manual_seed(args.seed)  # same batches for every run
     eval_every = eval_interval(args.steps, args.evals)
     curve, train_losses = [[0, evaluate(model, val_batches)]], []
     timed_tokens, timed_s, compile_s = 0, 0.0, 0.0
@@ -308,13 +349,19 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
             bar.set_postfix(train=f"{loss:.3f}", val=f"{curve[-1][1]:.3f}")
     wall_s = time.perf_counter() - start
 
-    if name == "foam":
-        tqdm.write(str(foam_compile.explain(opt, model)))
+    explained = foam_compile.explain(opt, model)
+    memory = foam_compile.memory_report(model, opt)
+    tqdm.write(
+        f"{name}: optimizer state {explained.state_bytes:,} bytes of moments "
+        f"({explained.state_bytes / max(explained.adamw_bytes, 1):.1%} of AdamW's)\n{memory}"
+    )
     last = train_losses[-max(1, args.steps // 20) :]  # a few steps' mean: one batch is noisy
     return {
         "val_loss": curve[-1][1],
         "train_loss": sum(last) / len(last),
         "optimizer_state_bytes": state_bytes(opt),
+        "moment_bytes": explained.state_bytes,
+        "memory_report": memory.as_dict(),  # bytes and bytes per parameter, per row
         "tokens_per_s": timed_tokens / timed_s if timed_s else None,
         "first_3_steps_s": compile_s,
         "wall_s": wall_s,
@@ -325,9 +372,12 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
             "corpus": args.corpus_name,
             "run": name,
             "lr": lr,
-            "level": args.level if name == "foam" else 0,
-            "scale": args.scale if name == "foam" else 1.0,
-            "backend": ("foam" if name == "foam" else "inductor") if args.compile else "eager",
+            "level": args.level if is_foam else 0,
+            "scale": args.scale if is_foam else 1.0,
+            "state_format": spec["state_format"] if is_foam else "fp32",
+            "dtype": spec["dtype"] if is_foam else "fp32",
+            "master_weights": spec["master_weights"] if is_foam else None,
+            "backend": ("foam" if is_foam else "inductor") if args.compile else "eager",
         },
         "val_curve": curve,
         "train_curve": [[i + 1, loss] for i, loss in enumerate(train_losses)],
@@ -338,7 +388,7 @@ def train(name: str, args, train_data: Tensor, val_batches) -> dict:
 
 
 def write_outputs(out: Path, results: dict, meta: dict) -> str:
-    """report.json (everything), report.md (the table), loss.png (both validation curves)."""
+    """report.json (everything), report.md (the table), loss.png (every validation curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,10 +397,12 @@ def write_outputs(out: Path, results: dict, meta: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({**results, "meta": meta}, indent=1) + "\n")
 
-    a, f = results["adamw"], results["foam"]
+    a = results["adamw"]
+    foams = [name for name in results if name != "adamw"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for key, label in (("adamw", "AdamW (Inductor)"), ("foam", "FOAM (backend='foam')")):
+    for key in results:
         steps, losses = zip(*results[key]["val_curve"])
+        label = "AdamW (Inductor)" if key == "adamw" else f"FOAM {label_of(results[key])}"
         ax.plot(steps, losses, marker=".", label=f"{label}: {losses[-1]:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats / byte)")
@@ -364,44 +416,33 @@ def write_outputs(out: Path, results: dict, meta: dict) -> str:
     def tps(r):
         return f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "n/a"
 
+    def ratio(key, r, fmt=".3f"):
+        return f"{r[key] / a[key]:{fmt}}" if r[key] and a[key] else "n/a"
+
     rows = [
-        (
-            "final val loss (nats/byte)",
-            f"{a['val_loss']:.4f}",
-            f"{f['val_loss']:.4f}",
-            f"{f['val_loss'] / a['val_loss']:.3f}",
-        ),
-        (
-            "final train loss",
-            f"{a['train_loss']:.4f}",
-            f"{f['train_loss']:.4f}",
-            f"{f['train_loss'] / a['train_loss']:.3f}",
-        ),
+        ("final val loss (nats/byte)", lambda r: f"{r['val_loss']:.4f}", "val_loss"),
+        ("final train loss", lambda r: f"{r['train_loss']:.4f}", "train_loss"),
         (
             "optimizer state (bytes)",
-            f"{a['optimizer_state_bytes']:,}",
-            f"{f['optimizer_state_bytes']:,}",
-            f"{f['optimizer_state_bytes'] / a['optimizer_state_bytes']:.3f}",
+            lambda r: f"{r['optimizer_state_bytes']:,}",
+            "optimizer_state_bytes",
         ),
         (
-            "tokens/s (after compile)",
-            tps(a),
-            tps(f),
-            f"{f['tokens_per_s'] / a['tokens_per_s']:.2f}"
-            if a["tokens_per_s"] and f["tokens_per_s"]
-            else "n/a",
+            "memory, all rows (bytes/param)",
+            lambda r: f"{r['memory_report']['total_bytes_per_param']:.2f}",
+            None,
         ),
-        (
-            "first 3 steps, incl. compiling (s)",
-            f"{a['first_3_steps_s']:.1f}",
-            f"{f['first_3_steps_s']:.1f}",
-            "",
-        ),
+        ("tokens/s (after compile)", tps, "tokens_per_s"),
+        ("first 3 steps, incl. compiling (s)", lambda r: f"{r['first_3_steps_s']:.1f}", None),
     ]
-    table = "\n".join(
-        ["| | AdamW | FOAM | FOAM / AdamW |", "|---|---:|---:|---:|"]
-        + [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
-    )
+    head = ["", "AdamW"] + [f"FOAM {label_of(results[f])}" for f in foams]
+    head += [f"{f} / AdamW" for f in foams]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for title, show, key in rows:
+        cells = [title, show(a)] + [show(results[f]) for f in foams]
+        cells += [ratio(key, results[f]) if key else "" for f in foams]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
     (out / "report.md").write_text(
         f"# FOAM vs AdamW: {meta['corpus']}\n\n"
         f"`{meta['command']}`\n\n"
@@ -412,6 +453,15 @@ def write_outputs(out: Path, results: dict, meta: dict) -> str:
     return table
 
 
+def label_of(run: dict) -> str:
+    """``fp32``, ``int8``, ``bf16 + int8 correction, int8`` ...: what a FOAM run stores."""
+    c = run["config"]
+    weights = "" if c["dtype"] == "fp32" else f"{c['dtype']} weights"
+    if weights and c["master_weights"]:
+        weights += f" + {c['master_weights']} correction"
+    return f"{weights}, {c['state_format']} state" if weights else c["state_format"]
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -419,7 +469,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--text", help="a UTF-8 text file to train on (default: Shakespeare)")
     p.add_argument("--out", default="out/demo", help="folder for report.json/.md and loss.png")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
@@ -444,13 +494,31 @@ def parse_args(argv=None):
         "reserved for the planner",
     )
     p.add_argument("--scale", type=float, default=0.25, help="FOAM's alpha on folded weights")
+    p.add_argument(
+        "--state-format",
+        choices=["fp32", "int8", "int4", "int8-sr", "int4-sr"],
+        default=None,
+        help="one FOAM run with moments in this format (default: two runs, fp32 and int8)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="the FOAM runs' weights (AdamW stays float32, the reference)",
+    )
+    p.add_argument(
+        "--master-weights",
+        choices=["int8", "int16"],
+        default=None,
+        help="correction bits for bf16 weights (foam_compile.master_weights)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--val-windows", type=int, default=128, help="held-out windows per eval")
     p.add_argument(
         "--evals",
         type=int,
         default=None,
-        help="validation points per run (default: 20, at most one per 25 steps)",
+        help="validation points per run (default: 10, at most one per 25 steps)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -462,7 +530,7 @@ def parse_args(argv=None):
     )
     args = p.parse_args(argv)
     if args.evals is None:  # recorded in the report as the number used
-        args.evals = min(20, max(1, args.steps // 25))
+        args.evals = min(10, max(1, args.steps // 25))
     return args
 
 
@@ -488,8 +556,15 @@ def main(argv=None) -> dict:
     )
 
     start = time.perf_counter()
-    results = {name: train(name, args, train_data, val_batches) for name in ("adamw", "foam")}
+    results = {
+        name: train(name, spec, args, train_data, val_batches)
+        for name, spec in run_specs(args).items()
+    }
     total_s = time.perf_counter() - start
+    for run in results.values():
+        run["state_fraction"] = (
+            run["optimizer_state_bytes"] / results["adamw"]["optimizer_state_bytes"]
+        )
 
     meta = {
         "corpus": args.corpus_name,
@@ -508,8 +583,8 @@ def main(argv=None) -> dict:
     table = write_outputs(out, results, meta)
     print("\n" + table)
     print(
-        f"\nboth runs: {total_s:.0f} s. Wrote {out / 'report.json'}, {out / 'report.md'}, "
-        f"{out / 'loss.png'}"
+        f"\n{len(results)} runs: {total_s:.0f} s. Wrote {out / 'report.json'}, "
+        f"{out / 'report.md'}, {out / 'loss.png'}"
     )
     return results
 

@@ -33,6 +33,7 @@ from .optimizer import (
     check_autotune_options,
     check_levels,
     check_params,
+    check_state_formats,
     decide_layouts,
 )
 from .policy import KEEP_UNFOLDED, overrides
@@ -90,6 +91,10 @@ def convert(
     budget: float | None = None,
     max_error: float | None = None,
     calibration_steps: int = 8,
+    state_format: str | None = None,
+    state_formats: Mapping[str | Tensor, str] | None = None,
+    master_weights: str | None = None,
+    formats: Iterable[str] | None = None,
 ) -> torch.optim.Optimizer:
     """Convert a ``torch.optim.AdamW`` or ``Adam`` into FOAM in place, and return it.
 
@@ -104,8 +109,15 @@ def convert(
 
     ``level="auto"`` calibrates on the next ``calibration_steps`` real steps (run as AdamW), then
     folds each parameter at the level the planner picks under ``budget`` and/or ``max_error``
-    (see :class:`FOAM`). ``tensor_lr=True`` turns float learning rates into 0-d tensors, so that
+    (see :class:`FOAM`; ``formats``, e.g. ``("fp32", "int8")``, lets it pick formats too).
+    ``tensor_lr=True`` turns float learning rates into 0-d tensors, so that
     a scheduler does not recompile a compiled step (its schedulers keep reporting floats).
+
+    ``state_format`` (default ``"fp32"``; ``"int8"``, ``"int4"``, ``"int8-sr"``, ``"int4-sr"``)
+    stores the moments quantized, embeddings and the output head with stochastic rounding;
+    ``state_formats`` pins formats per parameter name or tensor. ``master_weights`` (``"int8"``
+    or ``"int16"``) gives bfloat16/float16 parameters correction bits from their next step
+    (see :class:`FOAM` for all three).
 
     An optimizer that is already FOAM is returned as it is; options that would change it are
     refused (change a group's ``level``, or call ``set_levels``, instead).
@@ -116,14 +128,27 @@ def convert(
         opt.load_state_dict(torch.load("ckpt.pt"))
     """
     where = "foam_compile.convert"
-    given = {"level": level, "scale": scale, "res_scale": res_scale}
+    given = {
+        "level": level,
+        "scale": scale,
+        "res_scale": res_scale,
+        "master_weights": master_weights,
+        "state_format": state_format,
+    }
     check_options(where, **given)
     levels = check_levels(levels, where)
-    check_autotune_options(
-        where, budget=budget, max_error=max_error, calibration_steps=calibration_steps
+    state_formats = check_state_formats(state_formats, where)
+    formats = check_autotune_options(
+        where,
+        budget=budget,
+        max_error=max_error,
+        calibration_steps=calibration_steps,
+        formats=formats,
     )
     if isinstance(optimizer, FOAM):
-        _refuse_changes(optimizer, where, given, levels, model, keep_unfolded, budget, max_error)
+        policy = dict(levels=levels, model=model, keep_unfolded=keep_unfolded)
+        _refuse_changes(optimizer, where, given, policy, budget, max_error)
+        _refuse_format_changes(optimizer, where, state_formats, model)
         if tensor_lr:
             make_lrs_tensors(optimizer)
         return optimizer
@@ -148,11 +173,14 @@ def convert(
         budget=budget,
         max_error=max_error,
         calibration_steps=calibration_steps,
+        formats=formats,
     )
 
     # Decide every parameter's layout on copies of the groups (the policy; a stock optimizer
     # that loaded a FOAM checkpoint brings its layouts), then fold the moments it already has.
-    policy = dict(model=model, levels=levels, keep_unfolded=keep_unfolded)
+    policy = dict(
+        model=model, levels=levels, keep_unfolded=keep_unfolded, state_formats=state_formats
+    )
     drafts = [
         {**group, **options, LAYOUT_KEY: dict(group.get(LAYOUT_KEY) or {})}
         for group, options in zip(optimizer.param_groups, group_options)
@@ -179,6 +207,8 @@ def convert(
     all_groups = [*optimizer.param_groups, optimizer.defaults]
     for group, options, hp in zip(all_groups, [*group_options, defaults], [*hypers, hypers[0]]):
         group.update(options)
+        if state_format is None:  # not given: absent (fp32), as in FOAM(...)
+            group.pop("state_format", None)
         group["decoupled_weight_decay"] = hp.decoupled_weight_decay
         group["fused"] = False  # FOAM's step replaces the fused kernel; keeps load casts right
     for group, draft in zip(optimizer.param_groups, drafts):
@@ -190,6 +220,7 @@ def convert(
     optimizer.autotune = dict(
         budget=budget,
         max_error=max_error,
+        formats=formats,
         steps=calibration_steps,
         model=model,
         keep_unfolded=keep_unfolded,
@@ -203,8 +234,9 @@ def convert(
     return optimizer
 
 
-def _refuse_changes(opt, where, given, levels, model, keep_unfolded, budget, max_error) -> None:
+def _refuse_changes(opt, where, given, policy, budget, max_error) -> None:
     """``convert`` on an optimizer that is already FOAM changes nothing: say so if asked to."""
+    levels, model, keep_unfolded = policy["levels"], policy["model"], policy["keep_unfolded"]
     how = (
         "To change a level, set param_group['level'] (its moments are re-folded at the next "
         "step) or call optimizer.set_levels({param: level})"
@@ -246,6 +278,25 @@ def _refuse_changes(opt, where, given, levels, model, keep_unfolded, budget, max
             raise ValueError(
                 f"{where}: this {stock_name(opt)} is already FOAM; convert does not change its "
                 f"{key} ({value!r} given). Build a new FOAM optimizer with level='auto' instead."
+            )
+
+
+def _refuse_format_changes(opt, where, state_formats, model) -> None:
+    """``state_formats=`` on an optimizer that is already FOAM: refused unless it changes
+    nothing (a group's ``state_format`` can be changed by hand: re-encoded at the next step)."""
+    if not state_formats:
+        return
+    items = [(gi, i, p) for gi, g in enumerate(opt.param_groups) for i, p in enumerate(g["params"])]
+    chosen: dict[int, str] = {}
+    overrides([p for *_, p in items], model=model, formats=state_formats, chosen_formats=chosen)
+    for gi, i, p in items:
+        now = format_for(opt.param_groups[gi], i, DEFAULT_FORMAT)
+        if id(p) in chosen and chosen[id(p)] != now:
+            raise ValueError(
+                f"{where}: this {stock_name(opt)} is already FOAM and "
+                f"{checkpoint.describe(p, gi, i)} keeps its moments in {now!r}; convert does "
+                f"not change it (state_formats= given). Set param_group['state_format'] "
+                "(re-encoded at the next step), or build the optimizer with state_formats=."
             )
 
 

@@ -31,7 +31,7 @@ from .convert import convert, stock_name
 from .discovery import optimizers_owning
 from .families import family_of, supported_names
 from .hyper import check_options
-from .optimizer import FOAM, check_autotune, check_levels
+from .optimizer import FOAM, check_autotune, check_levels, check_state_formats
 from .passes.fold_adam_states import fold_adam_states, graph_tensors, updates_params
 
 __all__ = ["backend", "foam_backend", "FoamBackend"]
@@ -72,16 +72,22 @@ class FoamBackend:
                 f"{where}: unknown option(s) {sorted(unknown)}; the options are "
                 f"{sorted(_CONVERT_OPTIONS | {'tensor_lr', 'optimizers', 'inner'})}"
             )
-        given = {k: convert_options.get(k) for k in ("level", "scale", "res_scale")}
+        names = ("level", "scale", "res_scale", "master_weights", "state_format")
+        given = {k: convert_options.get(k) for k in names}
         check_options(where, **given)
         if "levels" in convert_options:
             convert_options["levels"] = check_levels(convert_options["levels"], where)
+        if "state_formats" in convert_options:
+            convert_options["state_formats"] = check_state_formats(
+                convert_options["state_formats"], where
+            )
         check_autotune(
             where,
             auto=given["level"] == "auto",
             budget=convert_options.get("budget"),
             max_error=convert_options.get("max_error"),
             calibration_steps=convert_options.get("calibration_steps", 8),
+            formats=convert_options.get("formats"),
         )
         self.convert_options = convert_options
         self.tensor_lr = tensor_lr
@@ -180,9 +186,12 @@ def backend(**options) -> FoamBackend:
     owning modules are found), ``keep_unfolded`` (name patterns left at level 0; the paper's
     embeddings/head/norms by default), ``tensor_lr`` (default True: float lrs become tensors so
     schedulers do not recompile), ``optimizers`` (restrict to these), ``inner`` (the compiler for
-    the rewritten graph, Inductor by default); ``level="auto"`` with ``budget`` and/or
-    ``max_error`` (and ``calibration_steps``) picks each parameter's level from the first real
-    gradients (see :class:`foam_compile.FOAM`).
+    the rewritten graph, Inductor by default); ``state_format`` (``"fp32"``, ``"int8"``,
+    ``"int4"``, ``"int8-sr"``, ``"int4-sr"``) and ``state_formats`` (per name or tensor) store
+    the moments quantized; ``master_weights`` (``"int8"``/``"int16"``) gives bf16/fp16
+    parameters correction bits (see :class:`foam_compile.FOAM`); ``level="auto"`` with
+    ``budget`` and/or ``max_error`` (and ``calibration_steps``) picks each parameter's level
+    from the first real gradients (see :class:`foam_compile.FOAM`).
 
         step = torch.compile(step, backend=foam_compile.backend(level=2, scale=0.25))
     """

@@ -20,7 +20,13 @@ from .master_weights import check_option as check_master_weights
 __all__ = ["GROUP_DEFAULTS", "MAX_LEVEL", "Hyper", "check_level", "check_options"]
 
 # Keys FOAM adds to a param group, with the values a converted stock optimizer gets.
-GROUP_DEFAULTS = {"level": 2, "scale": 1.0, "res_scale": 1.0, "master_weights": None}
+GROUP_DEFAULTS = {
+    "level": 2,
+    "scale": 1.0,
+    "res_scale": 1.0,
+    "master_weights": None,
+    "state_format": "fp32",  # state.DEFAULT_FORMAT (state imports update, which imports us)
+}
 # Deeper levels than this are never useful (a block of 65536 elements) and likely a typo.
 MAX_LEVEL = 16
 
@@ -36,6 +42,12 @@ def _number(where: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{where}: {name} must be a number, got {value!r}")
     return float(value)
+
+
+def _or_default(group: dict, key: str):
+    """``group[key]``, or its default when missing or ``None`` (not given)."""
+    value = group.get(key)
+    return GROUP_DEFAULTS[key] if value is None else value
 
 
 def check_level(level, where: str = "FOAM", *, auto: bool = True) -> int | str:
@@ -63,7 +75,10 @@ class Hyper:
     compiled step does not recompile); every other field is a Python scalar. ``scale`` (alpha)
     applies to folded parameters only; ``res_scale`` is rho (ALGORITHM.md). ``master_weights``
     (``None``, ``"int8"``, ``"int16"``) gives bfloat16/float16 parameters correction bits
-    (:mod:`foam_compile.master_weights`).
+    (:mod:`foam_compile.master_weights`). ``state_format`` is the group's state format (a name
+    registered in :mod:`foam_compile.state`); a parameter's own format, which may differ
+    (``state_formats=``, the stochastic-rounding default of :mod:`foam_compile.policy`), is in
+    its layout and its state: the update reads that one.
     """
 
     lr: float | Tensor
@@ -78,6 +93,7 @@ class Hyper:
     scale: float = GROUP_DEFAULTS["scale"]
     res_scale: float = GROUP_DEFAULTS["res_scale"]
     master_weights: str | None = GROUP_DEFAULTS["master_weights"]
+    state_format: str = GROUP_DEFAULTS["state_format"]
 
     def __post_init__(self) -> None:
         _check(self.as_dict(), "FOAM")
@@ -115,6 +131,7 @@ class Hyper:
                 where, "res_scale", group.get("res_scale", GROUP_DEFAULTS["res_scale"])
             ),
             master_weights=group.get("master_weights", GROUP_DEFAULTS["master_weights"]),
+            state_format=_or_default(group, "state_format"),
         )
         _check(values, where)  # with the caller's name in the message; __init__ re-checks
         return cls(**values)
@@ -159,6 +176,9 @@ def _check(values: dict, where: str) -> None:
         )
     check_level(values["level"], where)
     check_master_weights(values["master_weights"], where)
+    from .state import get_format  # not at the top: state -> update -> hyper
+
+    get_format(values["state_format"], where)
 
 
 def check_options(where: str, **options) -> None:

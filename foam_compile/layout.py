@@ -10,7 +10,12 @@ plan), and must survive until then. The choice is kept in the parameter's param 
 - an entry ``{"level": l}`` pins the parameter's fold level (the policy keeps an embedding at
   0, ``levels=`` or the ``level='auto'`` plan chose one); a parameter without an entry runs at
   its group's ``level``. More keys are more choices of the same kind: ``"format"``, its state
-  format (default: the group's ``state_format``, else ``fp32``).
+  format (``state_formats=``, the ``level='auto'`` plan; default: the group's
+  ``state_format``), and ``"stochastic": True``, the policy's mark on embeddings and the
+  output head: with a quantized group format they take its stochastic-rounding variant
+  (``"int8"`` -> ``"int8-sr"``, :func:`foam_compile.policy.stochastic_variant`). The mark is a
+  bool, not a string: ``torch.testing.assert_close`` compares state dicts with bools, not
+  strings, and a default (fp32) run should keep its state dicts comparable.
 - only choices are stored, so the saved layout does not depend on when the policy ran (torch's
   contract: equal optimizers have equal state dicts).
 
@@ -25,13 +30,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from .hyper import GROUP_DEFAULTS, check_level
+from .policy import stochastic_variant
 from .reference import effective_level
 
 __all__ = ["CHOICES", "LAYOUT_KEY", "choice", "format_for", "level_for", "record"]
 
 LAYOUT_KEY = "foam_layout"
 #: The choices an entry may hold.
-CHOICES = ("level", "format")
+CHOICES = ("level", "format", "stochastic")
 
 
 def entries(group: dict) -> dict[int, dict]:
@@ -75,5 +81,10 @@ def level_for(group: dict, index: int, p: Tensor) -> int:
 
 
 def format_for(group: dict, index: int, default: str) -> str:
-    """The state format parameter ``index`` of ``group`` is created in."""
-    return choice(group, index).get("format") or group.get("state_format") or default
+    """The state format parameter ``index`` of ``group`` is (to be) stored in: its own format
+    if one was chosen, else its group's (the stochastic variant where the policy asks for it)."""
+    entry = choice(group, index)
+    if entry.get("format"):
+        return entry["format"]
+    name = group.get("state_format") or default
+    return stochastic_variant(name) if entry.get("stochastic") else name

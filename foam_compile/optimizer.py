@@ -33,7 +33,7 @@ from . import backends, checkpoint, layout, master_weights
 from .families import Family, family_of
 from .hyper import GROUP_DEFAULTS, Hyper, check_level
 from .layout import LAYOUT_KEY
-from .policy import KEEP_UNFOLDED, overrides
+from .policy import KEEP_UNFOLDED, overrides, stochastic_variant
 from .reference import folded_shape
 from .state import DEFAULT_FORMAT, format_of, get_format
 
@@ -51,6 +51,7 @@ log = logging.getLogger("foam_compile")
 FOAM_AUTOTUNE = {
     "budget": None,
     "max_error": None,
+    "formats": None,
     "steps": 8,
     "model": None,
     "keep_unfolded": None,
@@ -88,9 +89,27 @@ def check_levels(levels: Mapping | None, where: str) -> dict | None:
     return dict(levels)
 
 
+def check_state_formats(formats: Mapping | None, where: str) -> dict | None:
+    """``state_formats=`` (``{name or tensor: format}``) checked where it is given."""
+    if formats is None:
+        return None
+    if not isinstance(formats, Mapping):
+        raise TypeError(
+            f"{where}: state_formats must be a dict {{name or tensor: format}}, got {formats!r}"
+        )
+    for key, name in formats.items():
+        if not isinstance(key, (str, Tensor)):
+            raise TypeError(
+                f"{where}: state_formats keys must be parameter names or tensors, got {key!r}"
+            )
+        what = key if isinstance(key, str) else f"the tensor of shape {list(key.shape)}"
+        get_format(name, f"{where}: state_formats[{what!r}]")
+    return dict(formats)
+
+
 def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lookup: bool) -> int:
     """Run the folding policy for the parameters of ``groups`` not in ``decided`` (a
-    ``WeakIdKeyDictionary``), record its pins in their layouts and add them to ``decided``;
+    ``WeakIdKeyDictionary``), record its choices in their layouts and add them to ``decided``;
     returns how many it decided.
 
     With ``lookup=False`` only what needs no heap scan is decided (0-d/1-d tensors, explicit
@@ -99,8 +118,10 @@ def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lo
     parameter the policy leaves to its group has no layout entry either way.
     """
     levels = policy.get("levels") or {}
+    formats = policy.get("state_formats") or {}
     model = policy.get("model")
     by_tensor = {id(k) for k in levels if isinstance(k, Tensor)}
+    fmt_by_name = any(isinstance(k, str) for k in formats)
     todo, names = [], {}
     for group in groups:
         given = group.get("param_names")
@@ -109,13 +130,18 @@ def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lo
                 continue
             if given is not None and i < len(given):
                 names[id(p)] = given[i]
-            needs_names = p.dim() >= 2 and id(p) not in by_tensor and id(p) not in names
+            named_now = id(p) in names
+            needs_names = not named_now and (
+                (p.dim() >= 2 and id(p) not in by_tensor) or fmt_by_name
+            )
             if needs_names and model is None and not lookup:
                 continue
             todo.append((group, i, p))
     if not todo:
         return 0
     explicit: set[int] = set()
+    chosen_formats: dict[int, str] = {}
+    stochastic: set[int] = set()
     pinned = overrides(
         [p for _, _, p in todo],
         names=names,
@@ -123,13 +149,20 @@ def decide_layouts(groups: list[dict], policy: Mapping[str, Any], decided, *, lo
         levels=levels,
         keep_unfolded=policy.get("keep_unfolded", KEEP_UNFOLDED),
         explicit=explicit,
+        formats=formats,
+        chosen_formats=chosen_formats,
+        stochastic=stochastic,
     )
     for group, i, p in todo:
-        # levels= given now wins; then a level already recorded (a checkpoint's, a plan's,
-        # set_levels'); then the policy's.
-        kept = "level" in layout.choice(group, i) and id(p) not in explicit
-        if pinned[id(p)] is not None and not kept:
+        # levels=/state_formats= given now win; then a choice already recorded (a
+        # checkpoint's, a plan's, set_levels'); then the policy's.
+        entry = layout.choice(group, i)
+        if pinned[id(p)] is not None and ("level" not in entry or id(p) in explicit):
             layout.record(group, i, level=pinned[id(p)])
+        if id(p) in chosen_formats:
+            layout.record(group, i, format=chosen_formats[id(p)])
+        elif id(p) in stochastic and "stochastic" not in entry:
+            layout.record(group, i, stochastic=True)
         decided[p] = True
     return len(todo)
 
@@ -152,6 +185,14 @@ class FOAM(torch.optim.Optimizer):
       parameters get correction bits in their state (``"master_rho"``), so that the optimizer
       steps a 24-bit (int8) or 32-bit (int16) weight while the model holds 16 bits
       (:mod:`foam_compile.master_weights`; float32 parameters need none and get none).
+    - ``state_format``: how the moments are stored, one of :mod:`foam_compile.state`'s names:
+      ``"fp32"`` (default), ``"int8"``, ``"int4"`` (block-scaled codes, round to nearest) or
+      ``"int8-sr"``, ``"int4-sr"`` (stochastic rounding). With a quantized format, embeddings
+      and the output head take its stochastic variant (:mod:`foam_compile.policy`).
+      ``state_formats={name or tensor: format}`` pins formats per parameter (it wins over that
+      default). Changing a group's ``state_format`` between steps re-encodes its moments at the
+      next step. ``load_state_dict`` keeps a checkpoint's formats unless the group's
+      ``state_format`` was given (even ``"fp32"``): then it re-encodes into that format.
 
     The folding policy (:mod:`foam_compile.policy`) keeps embeddings, the output head and norms
     at level 0, by name: names come from named parameters, ``model=``, or the live module that
@@ -165,7 +206,9 @@ class FOAM(torch.optim.Optimizer):
     candidate level is measured, then :func:`foam_compile.plan` chooses levels under ``budget``
     (state as a fraction of AdamW's, in (0, 1)) and/or ``max_error``, the moments are folded,
     and the plan's report is logged once (logger ``foam_compile``; the plan is kept in
-    ``optimizer.foam_plan``).
+    ``optimizer.foam_plan``). ``formats`` (e.g. ``("fp32", "int8")``) lets the plan pick each
+    parameter's state format too (default: every parameter keeps its group's format); a plan's
+    quantized format on an embedding or the head is rounded stochastically, as above.
     """
 
     def __init__(
@@ -190,6 +233,9 @@ class FOAM(torch.optim.Optimizer):
         levels: Mapping[str | Tensor, int] | None = None,
         keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
         master_weights: str | None = None,
+        state_format: str | None = None,
+        state_formats: Mapping[str | Tensor, str] | None = None,
+        formats: Iterable[str] | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -205,18 +251,28 @@ class FOAM(torch.optim.Optimizer):
             capturable=capturable,
             master_weights=master_weights,
         )
+        if state_format is not None:  # absent means fp32: default state dicts unchanged
+            defaults["state_format"] = state_format
         Hyper.from_group(defaults)
-        check_autotune_options(
-            "FOAM", budget=budget, max_error=max_error, calibration_steps=calibration_steps
+        formats = check_autotune_options(
+            "FOAM",
+            budget=budget,
+            max_error=max_error,
+            calibration_steps=calibration_steps,
+            formats=formats,
         )
         # Set before super().__init__, which adds the param groups through add_param_group.
         self.foam_policy = dict(
-            model=model, levels=check_levels(levels, "FOAM"), keep_unfolded=keep_unfolded
+            model=model,
+            levels=check_levels(levels, "FOAM"),
+            keep_unfolded=keep_unfolded,
+            state_formats=check_state_formats(state_formats, "FOAM"),
         )
         self.autotune = dict(
             FOAM_AUTOTUNE,
             budget=budget,
             max_error=max_error,
+            formats=formats,
             steps=int(calibration_steps),
             model=model,
             keep_unfolded=keep_unfolded,
@@ -275,9 +331,15 @@ class FOAM(torch.optim.Optimizer):
         depends on names it has not been given yet."""
         if p.dim() < 2 or p in self._decided():
             return
-        levels = self._policy().get("levels") or {}
-        if layout.group_level(group) == 0 and not any(isinstance(k, str) for k in levels):
-            return  # nothing the policy says can change a level-0 group's parameter
+        policy = self._policy()
+        by_name = [k for key in ("levels", "state_formats") for k in policy.get(key) or {}]
+        quantized = group.get("state_format", DEFAULT_FORMAT) != DEFAULT_FORMAT
+        if (
+            layout.group_level(group) == 0
+            and not quantized
+            and not any(isinstance(k, str) for k in by_name)
+        ):
+            return  # nothing the policy says can change a level-0 fp32 group's parameter
         self._decide_all()
 
     def _init_group(self, group, params, grads, tensors, slots):
@@ -315,6 +377,7 @@ class FOAM(torch.optim.Optimizer):
                 )
             master_weights.reconcile_(p, state, hp.master_weights, what)
             level, fmt = state["foam_level"], format_of(state)
+            target_fmt = get_format(layout.format_for(group, pi, DEFAULT_FORMAT), what)
             if hp.amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on mid-run
                 v = fmt.decode(state, "exp_avg_sq", "square", p).clone()
                 state.update(fmt.encode(v, p, "max_exp_avg_sq", "square"))
@@ -324,12 +387,20 @@ class FOAM(torch.optim.Optimizer):
                 if why is not None:
                     raise RuntimeError(f"FOAM: {key} of {what} {why} for level {level}")
             target = layout.level_for(group, pi, p)
-            if level != target:  # the group's level was changed: re-fold, as set_levels does
-                state_now = checkpoint.relevel(p, state, target, moments)
-                log.info("foam: %s re-folded from level %d to %d", what, level, target)
+            if level != target or fmt.name != target_fmt.name:
+                # The group's level or state format was changed: re-fold and/or re-encode.
+                state_now = checkpoint.relayout(p, state, moments, level=target, fmt=target_fmt)
+                log.info(
+                    "foam: %s moved from level %d (%s) to %d (%s)",
+                    what,
+                    level,
+                    fmt.name,
+                    target,
+                    target_fmt.name,
+                )
                 state.clear()
                 state.update(state_now)
-                level = target
+                level, fmt = target, target_fmt
             keys = ["step"] + [k for key, _kind in moments for k in fmt.keys(key)]
             if master_weights.RHO_KEY in state:
                 keys.append(master_weights.RHO_KEY)
@@ -381,7 +452,10 @@ class FOAM(torch.optim.Optimizer):
             tuner = self._foam_tuner = _make_tuner(self)
         plan = tuner.observe()
         if plan is not None:
-            self.set_levels(plan.levels_by_param())
+            if self.autotune.get("formats"):
+                self._apply_layouts(plan.layouts_by_param())
+            else:
+                self.set_levels(plan.levels_by_param())
             self.foam_plan = plan
             self._foam_calibrating = False
             for group in self.param_groups:  # saved with the checkpoint: resuming won't re-plan
@@ -422,12 +496,27 @@ class FOAM(torch.optim.Optimizer):
                 state.clear()
                 state.update(new)
 
+    def _apply_layouts(self, layouts: dict[Tensor, tuple[int, str]]) -> None:
+        """A ``level='auto'`` plan with formats: each parameter's level, and its format where it
+        differs from what its group and the policy give (stochastic for embeddings/the head).
+        A format pinned by ``state_formats=`` is kept."""
+        self._decide_all()
+        index = {p: (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
+        for p, (level, fmt) in layouts.items():
+            if p not in index:
+                continue
+            group, i = index[p]
+            entry = layout.choice(group, i)
+            name = stochastic_variant(fmt) if entry.get("stochastic") else fmt
+            same = "format" in entry or name == layout.format_for(group, i, DEFAULT_FORMAT)
+            self._set_layout(p, level=level, state_format=None if same else name)
+
     @torch.no_grad()
     def _set_layout(self, p: Tensor, *, level: int | None = None, state_format=None) -> None:
-        """Internal (until ``state_format=`` is an option everywhere): record that ``p``'s
-        moments live at ``level`` and in the state format named ``state_format`` (``None``:
-        keep), and re-encode the state it already has. Without state, the choice is honoured
-        when the first gradient creates it."""
+        """Internal (users give ``state_format=``/``state_formats=``; plans use it): record that
+        ``p``'s moments live at ``level`` and in the state format named ``state_format``
+        (``None``: keep), and re-encode the state it already has. Without state, the choice is
+        honoured when the first gradient creates it."""
         where = next(
             ((g, i) for g in self.param_groups for i, q in enumerate(g["params"]) if q is p), None
         )
@@ -456,12 +545,18 @@ class FOAM(torch.optim.Optimizer):
         torch's order is kept: load_state_dict pre-hooks see (and may replace) the state dict
         before FOAM checks it; post-hooks run once FOAM's state is in place. Everything is
         checked before the optimizer changes; on error the state is untouched.
+
+        The checkpoint's options win, as in torch, except a ``state_format`` this optimizer's
+        group was given: moments saved in another format are re-encoded into it (a run resumed
+        with ``state_format="int8"`` keeps int8 moments whatever the checkpoint holds; one built
+        without the option takes the checkpoint's formats).
         """
         state_dict = state_dict.copy()  # shallow, as torch does
         for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = _with_group_formats(state_dict, self.param_groups)
         if any("foam_level" not in st for st in dict(state_dict.get("state", {})).values()):
             self._decide_all()  # stock moments are folded at each parameter's level
         family = self.foam_family
@@ -471,8 +566,11 @@ class FOAM(torch.optim.Optimizer):
             where="FOAM.load_state_dict",
             moments_of_group=lambda g: family.moments(family.hyper(g)),
         )
-        kept = [
-            {**{k: g.get(k, v) for k, v in GROUP_DEFAULTS.items()}, LAYOUT_KEY: g.get(LAYOUT_KEY)}
+        kept = [  # state_format is the loading optimizer's already (_with_group_formats)
+            {
+                **{k: g.get(k, v) for k, v in GROUP_DEFAULTS.items() if k != "state_format"},
+                LAYOUT_KEY: g.get(LAYOUT_KEY),
+            }
             for g in self.param_groups
         ]
         pre, post = (
@@ -500,6 +598,7 @@ class FOAM(torch.optim.Optimizer):
                     value = like_param(value.to(device=p.device), p, st.get("foam_level", 0))
                 st[key] = value
         self._pin_loaded_levels()
+        self._reencode_loaded_formats()
         self._foam_decided = WeakIdKeyDictionary()  # the loaded layouts are the record now
         if not hasattr(self, "autotune"):
             self.autotune = dict(FOAM_AUTOTUNE)
@@ -515,6 +614,21 @@ class FOAM(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and "foam_level" in st and st["foam_level"] != layout.level_for(group, i, p):
                     layout.record(group, i, level=st["foam_level"])
+
+    def _reencode_loaded_formats(self) -> None:
+        """Moments loaded in another format than their layout now says are re-encoded."""
+        family = self.foam_family
+        for group in self.param_groups:
+            moments = family.moments(family.hyper(group))
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st or "foam_level" not in st:
+                    continue
+                fmt = get_format(layout.format_for(group, i, DEFAULT_FORMAT))
+                if fmt.name != format_of(st).name:
+                    new = checkpoint.relayout(p, st, moments, fmt=fmt)
+                    st.clear()
+                    st.update(new)
 
     # --------------------------------------------------------------------- copy, pickle
     def __getstate__(self) -> dict[str, Any]:
@@ -534,6 +648,22 @@ class FOAM(torch.optim.Optimizer):
         super().__setstate__(state)
         if "_foam_calibrating" in state and state["_foam_calibrating"]:
             _calibrate_outside_compile()
+
+
+def _with_group_formats(state_dict: dict, groups: list[dict]) -> dict:
+    """``state_dict`` with each saved param group's ``state_format`` replaced by the loading
+    optimizer's where that group was given one (a malformed state dict is returned as it is:
+    ``prepare_load`` says why)."""
+    saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        return state_dict
+    if not all(isinstance(g, dict) for g in saved):
+        return state_dict
+    new = [
+        {**s, "state_format": g["state_format"]} if g.get("state_format") else s
+        for s, g in zip(saved, groups)
+    ]
+    return {**state_dict, "param_groups": new}
 
 
 def _states(tensors: list[Tensor], slots: list[tuple]) -> list[dict]:
@@ -561,8 +691,11 @@ def _finite(value) -> bool:
     )
 
 
-def check_autotune_options(where: str, *, budget=None, max_error=None, calibration_steps=8):
-    """``level='auto'``'s options, each checked where it is given (FOAM, convert, backend)."""
+def check_autotune_options(
+    where: str, *, budget=None, max_error=None, calibration_steps=8, formats=None
+) -> tuple[str, ...] | None:
+    """``level='auto'``'s options, each checked where it is given (FOAM, convert, backend);
+    returns ``formats`` as a tuple (``None``: not given)."""
     if budget is not None and not (_finite(budget) and 0 < budget < 1):
         raise ValueError(
             f"{where}: invalid budget={budget!r}; it is FOAM's optimizer state as a fraction of "
@@ -581,20 +714,38 @@ def check_autotune_options(where: str, *, budget=None, max_error=None, calibrati
         raise ValueError(
             f"{where}: invalid calibration_steps={calibration_steps!r}; use an int >= 1"
         )
+    if formats is None:
+        return None
+    if isinstance(formats, str) or not isinstance(formats, Iterable):
+        raise TypeError(
+            f"{where}: formats must be a list of state formats for level='auto' to choose "
+            f"from, e.g. ('fp32', 'int8'); got {formats!r}"
+        )
+    formats = tuple(formats)
+    if not formats:
+        raise ValueError(f"{where}: formats is empty; give e.g. ('fp32', 'int8')")
+    for name in formats:
+        get_format(name, f"{where}: formats")
+    return formats
 
 
 def check_autotune(
-    where: str, *, auto: bool, budget=None, max_error=None, calibration_steps=8
+    where: str, *, auto: bool, budget=None, max_error=None, calibration_steps=8, formats=None
 ) -> None:
     """Check ``level='auto'``'s options and that they go with a ``level='auto'``."""
     check_autotune_options(
-        where, budget=budget, max_error=max_error, calibration_steps=calibration_steps
+        where,
+        budget=budget,
+        max_error=max_error,
+        calibration_steps=calibration_steps,
+        formats=formats,
     )
     if not auto:
-        if budget is not None or max_error is not None:
+        if budget is not None or max_error is not None or formats is not None:
             raise ValueError(
-                f"{where}: budget= and max_error= choose the levels of level='auto' only; pass "
-                "level='auto' with them, or drop them for a fixed level"
+                f"{where}: budget=, max_error= and formats= choose the levels (and formats) of "
+                "level='auto' only; pass level='auto' with them, or drop them for a fixed level "
+                "(state_format= sets a fixed format)"
             )
         return
     if budget is None and max_error is None:
@@ -613,6 +764,7 @@ def _check_autotune(opt, where: str = "FOAM", *, given: bool = False) -> None:
         auto=auto,
         budget=opt.autotune.get("budget") if auto or given else None,
         max_error=opt.autotune.get("max_error") if auto or given else None,
+        formats=opt.autotune.get("formats") if auto or given else None,
         calibration_steps=opt.autotune.get("steps", 8),
     )
     if auto and given and opt.autotune.get("budget") is not None:
@@ -661,6 +813,8 @@ def _planner_options(opt, keep, fixed) -> dict:
     kw["keep"] = keep
     kw["fixed"] = fixed
     kw["keep_unfolded"] = tuple(opt._policy().get("keep_unfolded") or ())
+    if opt.autotune.get("formats"):
+        kw["formats"] = tuple(opt.autotune["formats"])
     return kw
 
 

@@ -12,6 +12,14 @@ parameters fold"). One policy serves every way parameters enter FOAM (``FOAM(...
 
 A tensor that no live module owns has no name: only the shape rule applies to it (0-d/1-d at
 level 0), so every 2-d+ such tensor folds at its group's level.
+
+State formats follow the same route: ``state_formats={name or tensor: format}`` pins a
+parameter's format; otherwise it takes its group's ``state_format``, except that embeddings and
+the output head take the format's stochastic-rounding variant (``"int8"`` -> ``"int8-sr"``).
+Issue 12 asks for unbiased rounding "on by default for embeddings and the output head": a
+token's embedding row gets a gradient only when the token occurs, so its moments decay over many
+steps without one; round-to-nearest can then hold a moment still (the step's change is under half
+a code) where stochastic rounding keeps its expectation (tests/formats: staleness).
 """
 
 from __future__ import annotations
@@ -23,13 +31,29 @@ from torch import Tensor, nn
 
 from .discovery import embedding_params, parameter_names
 from .reference import effective_level
+from .state import FORMATS
 
-__all__ = ["KEEP_UNFOLDED", "choose_levels", "overrides"]
+__all__ = [
+    "KEEP_UNFOLDED",
+    "STOCHASTIC_ROUNDING",
+    "choose_levels",
+    "overrides",
+    "stochastic_variant",
+]
 
 # Name patterns kept at level 0 by default (matched with re.search on the qualified name).
 # A top-level ``output``/``head`` is an output projection (Meta LLaMA, ViT); a nested one (BERT's
 # ``attention.output.dense``) is an ordinary weight that folds.
 KEEP_UNFOLDED = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"^head\.", r"^output\.", r"norm")
+# Names of embeddings and output heads (KEEP_UNFOLDED but norms): with a quantized state format
+# they round stochastically.
+STOCHASTIC_ROUNDING = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"^head\.", r"^output\.")
+
+
+def stochastic_variant(name: str) -> str:
+    """The stochastic-rounding variant of state format ``name`` (``"int8"`` -> ``"int8-sr"``),
+    or ``name`` itself when it has none (``"fp32"``, or already stochastic)."""
+    return f"{name}-sr" if f"{name}-sr" in FORMATS else name
 
 
 def overrides(
@@ -40,33 +64,53 @@ def overrides(
     levels: Mapping[str | Tensor, int] | None = None,
     keep_unfolded: Iterable[str] | None = KEEP_UNFOLDED,
     explicit: set[int] | None = None,
+    formats: Mapping[str | Tensor, str] | None = None,
+    chosen_formats: dict[int, str] | None = None,
+    stochastic: set[int] | None = None,
 ) -> dict[int, int | None]:
     """``id(param) -> level`` the policy pins it to, or ``None``: it follows its group's level.
 
     Explicit ``levels`` (by tensor or name) come first, then the policy: embeddings and names
     matching ``keep_unfolded`` are pinned to level 0. ``names`` (``id -> name``) are used as
     given; without them names come from ``model`` or the owning modules, looked up only for the
-    2-d+ tensors whose level they can change. ``explicit``, if given, collects the ids pinned by
-    ``levels``.
+    2-d+ tensors whose choices they can change. ``explicit``, if given, collects the ids pinned
+    by ``levels``; ``chosen_formats`` the ``id -> format`` pinned by ``formats`` (by tensor or
+    name); ``stochastic`` the ids of embeddings and output heads (names matching
+    :data:`STOCHASTIC_ROUNDING`), which round stochastically in a quantized format.
     """
     params = list(params)
     by_tensor = {id(k): v for k, v in (levels or {}).items() if isinstance(k, Tensor)}
     by_name = {k: v for k, v in (levels or {}).items() if isinstance(k, str)}
+    fmt_tensor = {id(k): v for k, v in (formats or {}).items() if isinstance(k, Tensor)}
+    fmt_name = {k: v for k, v in (formats or {}).items() if isinstance(k, str)}
     patterns = [re.compile(p) for p in (keep_unfolded or ())]
-    unknown = [p for p in params if p.dim() >= 2 and id(p) not in by_tensor]
+    sr_patterns = [re.compile(p) for p in STOCHASTIC_ROUNDING] if stochastic is not None else []
+    wants_names = bool(patterns or by_name or fmt_name or sr_patterns)
+    unknown = [  # the tensors whose choices a name can change
+        p
+        for p in params
+        if fmt_name or (p.dim() >= 2 and (id(p) not in by_tensor or stochastic is not None))
+    ]
     names = dict(names or {})
     embeddings: set[int] = set()
     lookup = [p for p in unknown if id(p) not in names]
     if lookup:
-        if patterns or by_name:
+        if wants_names:
             names.update(parameter_names(lookup, model))
         embeddings = embedding_params(lookup, model)
     chosen: dict[int, int | None] = {}
     for p in params:
         name = names.get(id(p), "")
+        parts = name.split("|")
+        fmt = fmt_tensor.get(id(p)) or next((fmt_name[n] for n in parts if n in fmt_name), None)
+        if fmt is not None and chosen_formats is not None:
+            chosen_formats[id(p)] = fmt
+        if stochastic is not None and p.dim() >= 2:
+            if id(p) in embeddings or any(r.search(name) for r in sr_patterns):
+                stochastic.add(id(p))
         level = by_tensor.get(id(p))
         if level is None:
-            level = next((by_name[n] for n in name.split("|") if n in by_name), None)
+            level = next((by_name[n] for n in parts if n in by_name), None)
         if level is not None:
             chosen[id(p)] = int(level)
             if explicit is not None:

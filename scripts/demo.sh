@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up and run the main demo: a LLaMA-style model on Shakespeare, AdamW vs FOAM (CPU: 8 min on 2 idle cores).
+# Set up and run the main demo: a LLaMA-style model on Shakespeare, AdamW vs FOAM fp32 vs FOAM int8
+# (CPU: about 8 min on 2 idle cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh examples

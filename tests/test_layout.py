@@ -113,4 +113,5 @@ def test_layouts_store_only_choices():
     """Equal optimizers have equal state dicts (torch's contract), whenever the policy ran."""
     model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 30))
     opt = foam_compile.convert(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    assert opt.param_groups[0]["foam_layout"] == {0: {"level": 0}}
+    # the embedding: level 0, and stochastic rounding should the state format be quantized
+    assert opt.param_groups[0]["foam_layout"] == {0: {"level": 0, "stochastic": True}}

@@ -505,7 +505,7 @@ def test_12_the_demo_does_not_validate_every_step_on_short_runs():
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     assert demo.eval_interval(30, None) >= 30 // 2  # at most a couple of points
-    assert demo.eval_interval(600, None) == 30  # the committed 600-step runs: every 30 steps
+    assert demo.eval_interval(400, None) == 40  # the default 400-step runs: 10 points
     assert demo.eval_interval(30, 10) == 3  # given explicitly, --evals is honoured
     assert math.ceil(100 / demo.eval_interval(100, None)) <= 5
 

@@ -71,8 +71,8 @@ def test_tiny_run_writes_report_and_both_losses_fall(tmp_path):
         torch.set_num_threads(threads)  # main() sets it process-wide
 
     report = json.loads((out / "report.json").read_text())
-    assert {"adamw", "foam"} <= report.keys()
-    for name in ("adamw", "foam"):
+    assert {"adamw", "foam", "foam-int8"} <= report.keys()  # the default runs
+    for name in ("adamw", "foam", "foam-int8"):
         run = report[name]
         for key in (
             "val_loss",
@@ -81,6 +81,8 @@ def test_tiny_run_writes_report_and_both_losses_fall(tmp_path):
             "tokens_per_s",
             "config",
             "val_curve",
+            "memory_report",
+            "state_fraction",
         ):
             assert key in run, (name, key)
         curve = run["val_curve"]
@@ -90,5 +92,40 @@ def test_tiny_run_writes_report_and_both_losses_fall(tmp_path):
     assert report["foam"]["config"]["level"] == 2 and report["adamw"]["config"]["level"] == 0
     # Level 2 folds the attention/MLP weights 4x; embeddings, head and norms stay full size.
     assert report["foam"]["optimizer_state_bytes"] < report["adamw"]["optimizer_state_bytes"]
+    # int8 moments: less state again, the same policy (embeddings and head round stochastically)
+    assert report["foam-int8"]["config"]["state_format"] == "int8"
+    assert report["foam-int8"]["state_fraction"] < report["foam"]["state_fraction"] < 1
+    assert report["adamw"]["state_fraction"] == 1
+    rows = report["foam-int8"]["memory_report"]["rows"]
+    assert (
+        rows["optimizer state"]["bytes_per_param"]
+        < rows["optimizer state"]["adamw_bytes_per_param"]
+    )
     assert (out / "loss.png").stat().st_size > 0
-    assert "FOAM / AdamW" in (out / "report.md").read_text()
+    assert "| foam / AdamW | foam-int8 / AdamW |" in (out / "report.md").read_text()
+
+
+def test_bf16_weights_with_correction_and_int8_state(tmp_path):
+    """--dtype bf16 --master-weights int8 --state-format int8: one FOAM run beside AdamW."""
+    text = tmp_path / "sonnet.txt"
+    text.write_text(TEXT * 40, encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--text", str(text), "--out", str(out), "--no-compile", "--steps", "30"]
+    argv += ["--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32"]
+    argv += ["--batch-size", "8", "--val-windows", "16", "--evals", "3", "--threads", "1"]
+    argv += ["--dtype", "bf16", "--master-weights", "int8", "--state-format", "int8"]
+    threads = torch.get_num_threads()
+    try:
+        load_script().main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"adamw", "foam-bf16-int8", "meta"}
+    run = report["foam-bf16-int8"]
+    assert run["config"]["dtype"] == "bf16" and run["config"]["master_weights"] == "int8"
+    rows = run["memory_report"]["rows"]
+    assert rows["weights"]["bytes_per_param"] == 2  # bfloat16
+    assert rows["master weights"]["bytes_per_param"] == 1  # int8 correction bits
+    assert report["adamw"]["config"]["dtype"] == "fp32"  # the reference stays float32
+    curve = run["val_curve"]
+    assert curve[-1][1] < curve[0][1] - 0.5, f"validation loss did not fall: {curve}"
