@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, checkpoint, layout, master_weights
+from . import backends, checkpoint, distributed, layout, master_weights
 from .families import Family, family_of
 from .hyper import GROUP_DEFAULTS, Hyper, check_level
 from .layout import LAYOUT_KEY
@@ -379,8 +379,10 @@ class FOAM(torch.optim.Optimizer):
             level, fmt = state["foam_level"], format_of(state)
             target_fmt = get_format(layout.format_for(group, pi, DEFAULT_FORMAT), what)
             if hp.amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on mid-run
-                v = fmt.decode(state, "exp_avg_sq", "square", p).clone()
-                state.update(fmt.encode(v, p, "max_exp_avg_sq", "square"))
+                v = distributed.format_decode(fmt, state, "exp_avg_sq", "square", p).clone()
+                state.update(
+                    distributed.format_encode(fmt, v, p, level, "max_exp_avg_sq", "square")
+                )
             shape = folded_shape(p.shape, level)
             for key, _kind in moments:
                 why = fmt.check(state, key, p, shape)

@@ -172,6 +172,7 @@ def _numel(shape) -> int:
 def _refuse_dtensor(fmt: GroupedFormat, p: Tensor) -> None:
     if distributed.is_dtensor(p):
         raise NotImplementedError(
-            f"FOAM: state_format={fmt.name!r} does not yet support DTensor (FSDP2 / tensor "
-            "parallel) parameters; keep those parameters in state_format='fp32'."
+            f"FOAM: state_format={fmt.name!r} codes a DTensor's local shard only: call it "
+            "through foam_compile.distributed.format_encode/format_decode/format_zeros, which "
+            "place the codes and scales like the parameter."
         )

@@ -46,8 +46,9 @@ def make_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(136, 64), nn.Linear(64, 7)).to(torch.bfloat16)
 
 
-def make_foam(model: nn.Module, bias_format: str = "fp32") -> FOAM:
-    opt = FOAM([{"params": list(model.parameters()), "state_format": "int8"}], **OPTIONS)
+def make_foam(model: nn.Module, bias_format: str = "fp32", **options) -> FOAM:
+    options = {**OPTIONS, **options}
+    opt = FOAM([{"params": list(model.parameters()), "state_format": "int8"}], **options)
     opt._set_layout(model[0].weight, level=1)
     opt._set_layout(model[0].bias, level=0)
     opt._set_layout(model[1].weight, level=2, state_format="int4")
@@ -196,7 +197,23 @@ def scenario_quant_refuse(out, rank):
         )
 
 
-SCENARIOS = ["quant_fsdp", "quant_load_1to2", "quant_refuse"]
+def amsgrad_switched_on(model: nn.Module, opt: FOAM) -> None:
+    """Two steps without amsgrad, then amsgrad on: the max moment is made from the stored v."""
+    train(model, opt, range(2))
+    for group in opt.param_groups:
+        group["amsgrad"] = True
+    train(model, opt, range(2, 3))
+
+
+def scenario_quant_amsgrad_on(out, rank):
+    """amsgrad switched on mid-run decodes and re-encodes each rank's shard of v."""
+    model = _fsdp(make_model())
+    opt = make_foam(model, amsgrad=False)
+    amsgrad_switched_on(model, opt)
+    _record(out, "quant_amsgrad_on", rank, model, opt)
+
+
+SCENARIOS = ["quant_fsdp", "quant_load_1to2", "quant_refuse", "quant_amsgrad_on"]
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +334,11 @@ def test_exports_under_fsdp2_equal_single_process_bitwise(runs, reference):
         assert set(st) == set(got["adamw"][pid]) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
         for key, value in st.items():
             assert torch.equal(got["adamw"][pid][key], value), (pid, key)
+
+
+def test_amsgrad_switched_on_mid_run_sharded_equals_single_process(runs):
+    model = make_model()
+    opt = make_foam(model, amsgrad=False)
+    amsgrad_switched_on(model, opt)
+    assert all("max_exp_avg_sq" in opt.state[p] for p in model.parameters())
+    assert_bitwise(runs["quant_amsgrad_on"], model, opt)
