@@ -41,14 +41,23 @@ from ..kernels.foam_adam import (
     MAX_LEVEL,
     SUPPORTED_DTYPES,
     foam_adam_grouped_,
+    foam_adam_quant_step_,
     foam_adam_step_,
     is_interpreting,
     is_tracing,
 )
-from ..state import StateFormat
+from ..kernels.tile import QGROUP, QLEVELS, STATE_INT4, STATE_INT8
+from ..state import StateFormat, format_of, get_format
 from ..update import foam_update_
 
-__all__ = ["adam_step_", "adam_step_grouped_", "kernel_supports", "step_", "supports"]
+__all__ = [
+    "adam_step_",
+    "adam_step_grouped_",
+    "adam_step_quant_",
+    "kernel_supports",
+    "step_",
+    "supports",
+]
 
 _DTYPE = operator.attrgetter("dtype")
 _ONE_MUTATES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -66,9 +75,27 @@ def kernel_supports(param: Tensor, grad: Optional[Tensor] = None, level: int = 0
     )
 
 
-def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> str | None:
-    if fmt.name != "fp32":
+def grouped_format_reason(fmt: StateFormat) -> str | None:
+    """``None`` if the kernel reads ``fmt``: float32, or a grouped format whose group and code
+    levels are the ones the kernel restates (:mod:`foam_compile.kernels.tile`)."""
+    if fmt.name == "fp32":
+        return None
+    bits = getattr(fmt, "bits", None)
+    want = {8: QLEVELS[STATE_INT8], 4: QLEVELS[STATE_INT4]}.get(bits)
+    levels = getattr(fmt, "levels", {})
+    if (
+        want is None
+        or getattr(fmt, "group", None) != QGROUP
+        or (levels.get("signed"), levels.get("square")) != want
+    ):
         return f"the Triton kernel does not read state_format={fmt.name!r}"
+    return None
+
+
+def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> str | None:
+    reason = grouped_format_reason(fmt)
+    if reason is not None:
+        return reason
     if not kernel_supports(p, g, level):
         return (
             f"the Triton kernel takes contiguous float32/bfloat16/float16 tensors at levels "
@@ -95,8 +122,21 @@ def _hyper_kwargs(hp: Hyper) -> dict:
 def step_(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
 ) -> None:
-    """One grouped launch per (dtype, level) for the whole list."""
+    """One grouped launch per (dtype, level) for the float32 states; one launch per parameter
+    whose moments are grouped codes (``foam::adam_step_quant_``)."""
     lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
+    lr_value = float(hp.lr) if lr_tensor is None else 0.0
+    plain = [i for i, st in enumerate(states) if "foam_format" not in st]
+    if len(plain) < len(states):
+        plain = [i for i, st in enumerate(states) if format_of(st).name == "fp32"]
+        for i, st in enumerate(states):
+            if format_of(st).name != "fp32":
+                _quant_step(params[i], grads[i], st, lr_value, lr_tensor, hp)
+        params = [params[i] for i in plain]
+        grads = [grads[i] for i in plain]
+        states = [states[i] for i in plain]
+    if not params:
+        return
     torch.ops.foam.adam_step_grouped_(
         list(params),
         list(grads),
@@ -105,7 +145,28 @@ def step_(
         [st["max_exp_avg_sq"] for st in states] if hp.amsgrad else [],
         [st["step"] for st in states],
         [st["foam_level"] for st in states],
-        float(hp.lr) if lr_tensor is None else 0.0,
+        lr_value,
+        lr_tensor,
+        **_hyper_kwargs(hp),
+    )
+
+
+def _quant_step(p, g, st, lr_value, lr_tensor, hp: Hyper) -> None:
+    fmt = format_of(st)
+    ams = hp.amsgrad
+    torch.ops.foam.adam_step_quant_(
+        p,
+        g,
+        st["exp_avg"],
+        st["exp_avg_scale"],
+        st["exp_avg_sq"],
+        st["exp_avg_sq_scale"],
+        st["max_exp_avg_sq"] if ams else None,
+        st["max_exp_avg_sq_scale"] if ams else None,
+        fmt.name,
+        st["step"],
+        st["foam_level"],
+        lr_value,
         lr_tensor,
         **_hyper_kwargs(hp),
     )
@@ -311,3 +372,102 @@ adam_step_grouped_ = torch.library.custom_op(
     "foam::adam_step_grouped_", _adam_step_grouped_impl, mutates_args=_GROUPED_MUTATES
 )
 adam_step_grouped_.register_fake(_adam_step_grouped_fake)
+
+
+# ------------------------------------------------------------------ grouped formats (int8/int4)
+_QUANT_MUTATES = (
+    "param",
+    "exp_avg",
+    "exp_avg_scale",
+    "exp_avg_sq",
+    "exp_avg_sq_scale",
+    "max_exp_avg_sq",
+    "max_exp_avg_sq_scale",
+)
+
+
+def _adam_step_quant_impl(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_scale: Tensor,
+    exp_avg_sq: Tensor,
+    exp_avg_sq_scale: Tensor,
+    max_exp_avg_sq: Optional[Tensor],
+    max_exp_avg_sq_scale: Optional[Tensor],
+    state_format: str,
+    step: Tensor,
+    level: int,
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    scale: float,
+    res_scale: float,
+) -> None:
+    fmt = get_format(state_format)
+    hyper = dict(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
+    )
+    lr_any = lr if lr_tensor is None else lr_tensor
+    if (
+        grouped_format_reason(fmt) is None
+        and kernel_supports(param, grad, level)
+        and not (is_interpreting() and is_tracing())
+    ):
+        foam_adam_quant_step_(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_scale,
+            exp_avg_sq,
+            exp_avg_sq_scale,
+            max_exp_avg_sq,
+            max_exp_avg_sq_scale,
+            bits=fmt.bits,
+            stochastic=fmt.stochastic,
+            lr=lr_any,
+            step=step,
+            level=level,
+            **hyper,
+        )
+        return
+    # Where the kernel cannot run: the format's own decode, the plain-torch update, its encode.
+    state = {
+        "step": step,
+        "foam_level": level,
+        "foam_format": state_format,
+        "exp_avg": exp_avg,
+        "exp_avg_scale": exp_avg_scale,
+        "exp_avg_sq": exp_avg_sq,
+        "exp_avg_sq_scale": exp_avg_sq_scale,
+    }
+    if amsgrad:
+        state["max_exp_avg_sq"] = max_exp_avg_sq
+        state["max_exp_avg_sq_scale"] = max_exp_avg_sq_scale
+    from . import plain_torch
+
+    plain_torch.step_([param], [grad], [state], Hyper(lr=lr_any, level=level, **hyper))
+
+
+def _adam_step_quant_fake(*args, **kwargs) -> None:
+    return None
+
+
+adam_step_quant_ = torch.library.triton_op(
+    "foam::adam_step_quant_", _adam_step_quant_impl, mutates_args=_QUANT_MUTATES
+)
+adam_step_quant_.register_fake(_adam_step_quant_fake)
