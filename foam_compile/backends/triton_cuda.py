@@ -47,13 +47,18 @@ from ..kernels.foam_adam import (
     is_tracing,
 )
 from ..kernels.tile import QGROUP, QLEVELS, STATE_INT4, STATE_INT8
+from ..master_weights import RHO_KEY
 from ..state import StateFormat, format_of, get_format
 from ..update import foam_update_
+
+#: This backend steps parameters with correction bits (``backends.select``): its kernels read and
+#: write ``master_rho`` in the step's pass (tests/kernels/test_master_kernel.py).
+MASTER_WEIGHTS = True
 
 __all__ = [
     "adam_step_",
     "adam_step_grouped_",
-    "adam_step_quant_",
+    "adam_step_formats_",
     "kernel_supports",
     "step_",
     "supports",
@@ -123,15 +128,16 @@ def step_(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
 ) -> None:
     """One grouped launch per (dtype, level) for the float32 states; one launch per parameter
-    whose moments are grouped codes (``foam::adam_step_quant_``)."""
+    whose moments are grouped codes or that carries correction bits
+    (``foam::adam_step_formats_``)."""
     lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
     lr_value = float(hp.lr) if lr_tensor is None else 0.0
-    plain = [i for i, st in enumerate(states) if "foam_format" not in st]
+    plain = [i for i, st in enumerate(states) if "foam_format" not in st and RHO_KEY not in st]
     if len(plain) < len(states):
-        plain = [i for i, st in enumerate(states) if format_of(st).name == "fp32"]
+        plain = [i for i, st in enumerate(states) if _plain(st)]
         for i, st in enumerate(states):
-            if format_of(st).name != "fp32":
-                _quant_step(params[i], grads[i], st, lr_value, lr_tensor, hp)
+            if not _plain(st):
+                _one_step(params[i], grads[i], st, lr_value, lr_tensor, hp)
         params = [params[i] for i in plain]
         grads = [grads[i] for i in plain]
         states = [states[i] for i in plain]
@@ -151,18 +157,25 @@ def step_(
     )
 
 
-def _quant_step(p, g, st, lr_value, lr_tensor, hp: Hyper) -> None:
+def _plain(st: dict) -> bool:
+    return format_of(st).name == "fp32" and RHO_KEY not in st
+
+
+def _one_step(p, g, st, lr_value, lr_tensor, hp: Hyper) -> None:
+    """``foam::adam_step_formats_``: one parameter with grouped codes or correction bits."""
     fmt = format_of(st)
     ams = hp.amsgrad
-    torch.ops.foam.adam_step_quant_(
+    side = fmt.name != "fp32"
+    torch.ops.foam.adam_step_formats_(
         p,
         g,
         st["exp_avg"],
-        st["exp_avg_scale"],
+        st["exp_avg_scale"] if side else None,
         st["exp_avg_sq"],
-        st["exp_avg_sq_scale"],
+        st["exp_avg_sq_scale"] if side else None,
         st["max_exp_avg_sq"] if ams else None,
-        st["max_exp_avg_sq_scale"] if ams else None,
+        st["max_exp_avg_sq_scale"] if ams and side else None,
+        st.get(RHO_KEY),
         fmt.name,
         st["step"],
         st["foam_level"],
@@ -374,8 +387,8 @@ adam_step_grouped_ = torch.library.custom_op(
 adam_step_grouped_.register_fake(_adam_step_grouped_fake)
 
 
-# ------------------------------------------------------------------ grouped formats (int8/int4)
-_QUANT_MUTATES = (
+# ------------------------------------------------- grouped formats (int8/int4), correction bits
+_FORMATS_MUTATES = (
     "param",
     "exp_avg",
     "exp_avg_scale",
@@ -383,18 +396,20 @@ _QUANT_MUTATES = (
     "exp_avg_sq_scale",
     "max_exp_avg_sq",
     "max_exp_avg_sq_scale",
+    "master_rho",
 )
 
 
-def _adam_step_quant_impl(
+def _adam_step_formats_impl(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
-    exp_avg_scale: Tensor,
+    exp_avg_scale: Optional[Tensor],
     exp_avg_sq: Tensor,
-    exp_avg_sq_scale: Tensor,
+    exp_avg_sq_scale: Optional[Tensor],
     max_exp_avg_sq: Optional[Tensor],
     max_exp_avg_sq_scale: Optional[Tensor],
+    master_rho: Optional[Tensor],
     state_format: str,
     step: Tensor,
     level: int,
@@ -410,6 +425,8 @@ def _adam_step_quant_impl(
     scale: float,
     res_scale: float,
 ) -> None:
+    """One parameter whose moments are in ``state_format`` and/or that carries correction bits
+    ``master_rho``: every tensor a real argument (a ``triton_op``, as ``adam_step_``)."""
     fmt = get_format(state_format)
     hyper = dict(
         beta1=beta1,
@@ -423,51 +440,54 @@ def _adam_step_quant_impl(
         res_scale=res_scale,
     )
     lr_any = lr if lr_tensor is None else lr_tensor
+    kw = dict(lr=lr_any, step=step, level=level, master_rho=master_rho, **hyper)
     if (
         grouped_format_reason(fmt) is None
         and kernel_supports(param, grad, level)
         and not (is_interpreting() and is_tracing())
     ):
-        foam_adam_quant_step_(
-            param,
-            grad,
-            exp_avg,
-            exp_avg_scale,
-            exp_avg_sq,
-            exp_avg_sq_scale,
-            max_exp_avg_sq,
-            max_exp_avg_sq_scale,
-            bits=fmt.bits,
-            stochastic=fmt.stochastic,
-            lr=lr_any,
-            step=step,
-            level=level,
-            **hyper,
-        )
+        if fmt.name == "fp32":
+            foam_adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
+        else:
+            foam_adam_quant_step_(
+                param,
+                grad,
+                exp_avg,
+                exp_avg_scale,
+                exp_avg_sq,
+                exp_avg_sq_scale,
+                max_exp_avg_sq,
+                max_exp_avg_sq_scale,
+                bits=fmt.bits,
+                stochastic=fmt.stochastic,
+                **kw,
+            )
         return
-    # Where the kernel cannot run: the format's own decode, the plain-torch update, its encode.
-    state = {
-        "step": step,
-        "foam_level": level,
-        "foam_format": state_format,
-        "exp_avg": exp_avg,
-        "exp_avg_scale": exp_avg_scale,
-        "exp_avg_sq": exp_avg_sq,
-        "exp_avg_sq_scale": exp_avg_sq_scale,
-    }
+    # Where the kernel cannot run: the plain-torch backend on the same tensors.
+    state = {"step": step, "foam_level": level, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if fmt.name != "fp32":
+        state.update(
+            foam_format=state_format, exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale
+        )
     if amsgrad:
         state["max_exp_avg_sq"] = max_exp_avg_sq
-        state["max_exp_avg_sq_scale"] = max_exp_avg_sq_scale
+        if fmt.name != "fp32":
+            state["max_exp_avg_sq_scale"] = max_exp_avg_sq_scale
+    width = None
+    if master_rho is not None:
+        state[RHO_KEY] = master_rho
+        width = "int8" if master_rho.dtype == torch.int8 else "int16"
     from . import plain_torch
 
-    plain_torch.step_([param], [grad], [state], Hyper(lr=lr_any, level=level, **hyper))
+    hp = Hyper(lr=lr_any, level=level, master_weights=width, **hyper)
+    plain_torch.step_([param], [grad], [state], hp)
 
 
-def _adam_step_quant_fake(*args, **kwargs) -> None:
+def _adam_step_formats_fake(*args, **kwargs) -> None:
     return None
 
 
-adam_step_quant_ = torch.library.triton_op(
-    "foam::adam_step_quant_", _adam_step_quant_impl, mutates_args=_QUANT_MUTATES
+adam_step_formats_ = torch.library.triton_op(
+    "foam::adam_step_formats_", _adam_step_formats_impl, mutates_args=_FORMATS_MUTATES
 )
-adam_step_quant_.register_fake(_adam_step_quant_fake)
+adam_step_formats_.register_fake(_adam_step_formats_fake)

@@ -93,6 +93,8 @@ from .checks import (
 )
 from .tile import (
     PARAM_PLAIN,
+    PARAM_RHO8,
+    PARAM_RHO16,
     QGROUP,
     STATE_FP32,
     STATE_INT4,
@@ -170,7 +172,7 @@ def _prune_configs(configs, named_args, **kwargs):
     prune_configs_by={"early_config_prune": _prune_configs},
     # Triton adds the tensors' dtypes to the key
     key=["LEVEL", "EVEN", "STATE_FMT", "STATE_SR", "SIZE_BUCKET"],
-    restore_value=["p_ptr", "m_ptr", "v_ptr", "vmax_ptr", "ms_ptr", "vs_ptr", "vmaxs_ptr"],
+    restore_value=["p_ptr", "m_ptr", "v_ptr", "vmax_ptr", "ms_ptr", "vs_ptr", "vmaxs_ptr", "r_ptr"],
     do_bench=_cpu_do_bench if is_interpreting() else None,  # None: Triton's GPU timer
     cache_results=True,  # on disk, next to Triton's kernel cache (never in the interpreter)
 )
@@ -184,6 +186,7 @@ def _foam_adam_kernel(
     ms_ptr,
     vs_ptr,
     vmaxs_ptr,
+    r_ptr,
     lr_ptr,
     step_ptr,
     n,
@@ -221,7 +224,7 @@ def _foam_adam_kernel(
     ``n`` elements and ``nb`` blocks, ``ceil(nb / BB)`` programs a row. Grouped states
     (``STATE_FMT`` 1, 2) take at least one group of blocks a tile (:func:`block_tile`), and are
     even only when every row holds whole groups (:func:`quant_even`)."""
-    MIN_BB: tl.constexpr = QGROUP if STATE_FMT != 0 else 1
+    MIN_BB: tl.constexpr = 32 if STATE_FMT != 0 else 1  # tile.QGROUP (jit reads no globals)
     BB: tl.constexpr = (TILE >> LEVEL) if (TILE >> LEVEL) > MIN_BB else MIN_BB
     pid = tl.program_id(0)
     if IDX64 or not EVEN:  # int64 index arithmetic (module docstring, "Index width")
@@ -263,10 +266,11 @@ def _foam_adam_kernel(
         ms_ptr,
         vs_ptr,
         vmaxs_ptr,
+        r_ptr,
         row * n,
         row * nb,
         row * code_row,
-        row * ((nb + QGROUP - 1) // QGROUP),
+        row * ((nb + 31) // 32),  # groups a row
         seed4,
         b0,
         tl.minimum(b0 + BB, nb),
@@ -391,6 +395,7 @@ def _foam_adam_multi_kernel(
         m_ptr,  # no side tensors: the grouped launch takes float32 states only
         v_ptr,
         vmax_ptr,
+        p_ptr,  # and parameters without correction bits
         row * n,
         row * nb,
         row * nb,
@@ -434,6 +439,7 @@ def single_constexprs(
     bf16,
     state_fmt=STATE_FP32,
     stochastic=False,
+    param_fmt=PARAM_PLAIN,
 ):
     """The constexprs ``foam_adam_step_`` and ``foam_adam_quant_step_`` pass (the AOT check
     enumerates the same function)."""
@@ -446,7 +452,7 @@ def single_constexprs(
         LR_FROM_PTR=lr_ptr,
         STEP_FROM_PTR=step_ptr,
         IDX64=idx64,
-        PARAM_FMT=PARAM_PLAIN,
+        PARAM_FMT=param_fmt,
         STATE_FMT=state_fmt,
         STATE_SR=stochastic,
         BF16_RTNE=bf16,
@@ -536,6 +542,7 @@ def foam_adam_step_(
     maximize: bool = False,
     scale: float = 1.0,
     res_scale: float = 1.0,
+    master_rho: Tensor | None = None,
 ) -> None:
     """One FOAM step for one parameter, in place on ``param`` and the folded states (one launch).
 
@@ -545,7 +552,9 @@ def foam_adam_step_(
     host. ``level`` is clamped to 0 for 0-d/1-d parameters (ALGORITHM.md); the states must have
     the folded shape ``[..., ceil(n / 2**level)]`` and dtype float32. ``param``/``grad`` may be
     float32, bfloat16 or float16 (math in float32). ``scale`` (alpha) applies at level >= 1 only.
-    Every tensor must be contiguous. Allocates nothing.
+    Every tensor must be contiguous. Allocates nothing. ``master_rho``: a bfloat16/float16
+    parameter's int8/int16 correction bits (``foam_compile/master_weights.py``), read and
+    written in the same pass.
     """
     where = "foam_adam_step_"
     hp = _checked_hyper(
@@ -563,6 +572,7 @@ def foam_adam_step_(
     level = check_tensors(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, hp.amsgrad, where
     )
+    param_fmt = check_rho(param, master_rho, where)
     lr_value, lr_tensor = check_lr(lr, param.device, where)
     step_value, step_tensor = check_step(step, param.device, where)
     bc1 = sqrt_bc2 = 1.0
@@ -590,6 +600,7 @@ def foam_adam_step_(
         exp_avg,  # no side tensors in float32 (never read)
         exp_avg_sq,
         vmax,
+        master_rho if master_rho is not None else param,
         lr_tensor if lr_tensor is not None else exp_avg,  # dummies are never read
         step_tensor if step_tensor is not None else exp_avg,
         n,
@@ -605,11 +616,31 @@ def foam_adam_step_(
             step_ptr=step_tensor is not None,
             idx64=plans.needs_idx64(numel),
             bf16=_bf16_rtne(param.dtype),
+            param_fmt=param_fmt,
         ),
     )
 
 
 # ------------------------------------------------------------------ grouped formats (int8/int4)
+def check_rho(param: Tensor, rho: Tensor | None, where: str) -> int:
+    """The parameter format for ``param`` and its correction bits (``PARAM_PLAIN`` without)."""
+    if rho is None:
+        return PARAM_PLAIN
+    if param.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{where}: master_rho belongs to a bfloat16/float16 parameter, got {param.dtype}"
+        )
+    if not isinstance(rho, Tensor) or rho.dtype not in (torch.int8, torch.int16):
+        got = rho.dtype if isinstance(rho, Tensor) else type(rho).__name__
+        raise ValueError(f"{where}: master_rho must be an int8 or int16 tensor, got {got}")
+    if rho.shape != param.shape or rho.device != param.device or not rho.is_contiguous():
+        raise ValueError(
+            f"{where}: master_rho must be a contiguous tensor of the parameter's shape "
+            f"{list(param.shape)} on {param.device}, got {list(rho.shape)} on {rho.device}"
+        )
+    return PARAM_RHO8 if rho.dtype == torch.int8 else PARAM_RHO16
+
+
 def quant_even(shape, level: int) -> bool:
     """Whether a grouped-format tensor may run as one flat row: every row holds whole blocks and
     whole groups (so flat groups are the rows' groups, and 4-bit rows end on a whole byte)."""
@@ -650,6 +681,7 @@ def foam_adam_quant_step_(
     maximize: bool = False,
     scale: float = 1.0,
     res_scale: float = 1.0,
+    master_rho: Tensor | None = None,
 ) -> None:
     """:func:`foam_adam_step_` with moments in a grouped format (``bits`` 8 or 4; the layout and
     codes of ``foam_compile/formats/int8.py`` / ``int4.py``): one launch decodes each tile's
@@ -678,6 +710,7 @@ def foam_adam_quant_step_(
         level,
         where,
     )
+    param_fmt = check_rho(param, master_rho, where)
     lr_value, lr_tensor = check_lr(lr, param.device, where)
     step_value, step_tensor = check_step(step, param.device, where)
     bc1 = sqrt_bc2 = 1.0
@@ -711,6 +744,7 @@ def foam_adam_quant_step_(
         exp_avg_scale,
         exp_avg_sq_scale,
         vmax_s,
+        master_rho if master_rho is not None else param,
         lr_tensor if lr_tensor is not None else exp_avg_scale,  # dummies are never read
         step_tensor if step_tensor is not None else exp_avg_scale,
         n,
@@ -728,6 +762,7 @@ def foam_adam_quant_step_(
             bf16=_bf16_rtne(param.dtype),
             state_fmt=STATE_INT8 if bits == 8 else STATE_INT4,
             stochastic=bool(stochastic),
+            param_fmt=param_fmt,
         ),
     )
 

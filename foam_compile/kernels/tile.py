@@ -41,6 +41,8 @@ import triton.language as tl
 
 # Formats a tile can load and store (constexpr values).
 PARAM_PLAIN = 0  # the parameter's own dtype, math in float32
+PARAM_RHO8 = 1  # bfloat16/float16 + int8 correction bits (foam_compile/master_weights.py)
+PARAM_RHO16 = 2  # bfloat16/float16 + int16 correction bits
 STATE_FP32 = 0  # float32 folded moments
 STATE_INT8 = 1  # int8/uint8 codes + a float32 scale per group (foam_compile/formats/int8.py)
 STATE_INT4 = 2  # two 4-bit codes a byte + a float32 scale per group (formats/int4.py)
@@ -102,22 +104,30 @@ def step_scalars(
 
 
 @triton.jit
-def load_param(ptr, offs, mask, MASKED: tl.constexpr, FMT: tl.constexpr):
-    """Parameter (or gradient) elements as float32. ``FMT`` 0: the tensor's own dtype."""
-    tl.static_assert(FMT == 0, "unknown parameter format")
-    if MASKED:
-        x = tl.load(ptr + offs, mask=mask, other=0.0)
-    else:
-        x = tl.load(ptr + offs)
-    return x.to(tl.float32)
+def _pow2(k):
+    """float32 ``2**k`` for int32 ``k`` in ``[-126, 127]``, from its bits (exact)."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def store_param(
-    ptr, offs, x, mask, MASKED: tl.constexpr, FMT: tl.constexpr, BF16_RTNE: tl.constexpr
-):
-    """Store float32 ``x`` into the parameter. ``FMT`` 0: rounded to the tensor's own dtype."""
-    tl.static_assert(FMT == 0, "unknown parameter format")
+def _scale(x, k):
+    """``x * 2**k`` as two multiplies by normal powers of two (master_weights._scale): exact
+    where the result is normal, one rounding below, and never a subnormal factor."""
+    half = k >> 1  # floor(k / 2)
+    return x * _pow2(half) * _pow2(k - half)
+
+
+@triton.jit
+def _exponent16(x32, IS_BF16: tl.constexpr):
+    """``E`` of master_weights' docstring for a float32 holding a bfloat16/float16 value."""
+    MIN_FIELD: tl.constexpr = 1 if IS_BF16 else 113  # 128 - bias
+    field = (x32.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.maximum(field, MIN_FIELD) - 127
+
+
+@triton.jit
+def _round_to(x, ptr, BF16_RTNE: tl.constexpr):
+    """float32 ``x`` rounded to the dtype ``ptr`` points to (nearest even)."""
     if BF16_RTNE:
         # Round to nearest even by hand: Triton's interpreter truncates float32 -> bfloat16
         # (GPUs round), which would bias every CPU-tested step toward zero.
@@ -126,10 +136,67 @@ def store_param(
         out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         out = x.to(ptr.dtype.element_ty)
+    return out
+
+
+@triton.jit
+def load_param(ptr, r_ptr, offs, mask, MASKED: tl.constexpr, FMT: tl.constexpr):
+    """Parameter (or gradient) elements as float32. ``FMT`` 0: the tensor's own dtype; 1, 2: a
+    bfloat16/float16 ``p16`` plus its int8 (``Q`` = 127) / int16 (32767) correction at
+    ``r_ptr`` (foam_compile/master_weights.py): ``theta = p16 + (rho * INV_Q) * s(p16)``."""
+    tl.static_assert(FMT <= 2, "unknown parameter format")
+    if MASKED:
+        x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(ptr + offs).to(tl.float32)
+    if FMT != 0:
+        IS_BF16: tl.constexpr = ptr.dtype.element_ty == tl.bfloat16
+        M: tl.constexpr = 7 if IS_BF16 else 10
+        INV_Q: tl.constexpr = 0.007874015718698502 if FMT == 1 else 3.051850947599719e-05
+        if MASKED:
+            rho = tl.load(r_ptr + offs, mask=mask, other=0)
+        else:
+            rho = tl.load(r_ptr + offs)
+        c = rho.to(tl.float32) * INV_Q
+        k = tl.minimum(_exponent16(x, IS_BF16) - (M + 1), 127)
+        x = x + _scale(c, k)  # c * s(p16), s a power of two
+    return x
+
+
+@triton.jit
+def store_param(
+    ptr,
+    r_ptr,
+    offs,
+    x,
+    mask,
+    MASKED: tl.constexpr,
+    FMT: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
+):
+    """Store float32 ``x`` into the parameter. ``FMT`` 0: rounded to the tensor's own dtype;
+    1, 2: ``p16`` = ``x`` rounded, and the correction of the rounding error (``split``)."""
+    tl.static_assert(FMT <= 2, "unknown parameter format")
+    out = _round_to(x, ptr, BF16_RTNE)
     if MASKED:
         tl.store(ptr + offs, out, mask=mask)
     else:
         tl.store(ptr + offs, out)
+    if FMT != 0:
+        IS_BF16: tl.constexpr = ptr.dtype.element_ty == tl.bfloat16
+        M: tl.constexpr = 7 if IS_BF16 else 10
+        Q: tl.constexpr = 127.0 if FMT == 1 else 32767.0
+        FMAX: tl.constexpr = 3.3895313892515355e38 if IS_BF16 else 65504.0
+        r = out.to(tl.float32)
+        k = _exponent16(r, IS_BF16) - (M + 1)  # s = 2**k
+        t = _scale(x - r, -k) * Q  # the rounding error is exact; -k <= 134: two normal factors
+        rho = tl.minimum(tl.maximum(rint(t), -Q), Q)
+        rho = tl.where(tl.abs(r) <= FMAX, rho, 0.0)  # p16 is inf or nan: no correction
+        rho = rho.to(tl.int32).to(r_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(r_ptr + offs, rho, mask=mask)
+        else:
+            tl.store(r_ptr + offs, rho)
 
 
 @triton.jit
@@ -287,12 +354,13 @@ def store_moment(
         NG: tl.constexpr = BB // 32
         L: tl.constexpr = _levels(FMT, SIGNED)
         xg = tl.reshape(x, (NG, 32))
-        nan = tl.max((xg != xg).to(tl.int32), axis=1) > 0  # tl.max does not propagate NaN
+        # tl.max does not propagate NaN: a group holding one takes it through a sum instead
+        nan = tl.sum(tl.where(xg != xg, xg, 0.0), axis=1)
         if SIGNED:
             base = tl.abs(xg)
         else:
             base = tl.sqrt_rn(tl.maximum(xg, 0.0))
-        s = tl.where(nan, float("nan"), tl.max(base, axis=1))
+        s = tl.max(base, axis=1) + nan
         inv = tl.where(s > 0, tl.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
         if SIGNED:
             t = xg * inv[:, None]
@@ -342,30 +410,30 @@ def store_moment(
 
 
 @triton.jit
-def load_param_quads(ptr, q, n_valid, MASKED: tl.constexpr, FMT: tl.constexpr):
+def load_param_quads(ptr, r_ptr, q, n_valid, MASKED: tl.constexpr, FMT: tl.constexpr):
     """Elements ``4q .. 4q+3`` as ``[N, 2, 2]`` (element ``4q + 2a + b`` at ``[q, a, b]``), each
     quad inside one thread: four column loads joined (module docstring, "Layout")."""
     o = 4 * q
-    c0 = load_param(ptr, o, o < n_valid, MASKED, FMT)
-    c1 = load_param(ptr, o + 1, o + 1 < n_valid, MASKED, FMT)
-    c2 = load_param(ptr, o + 2, o + 2 < n_valid, MASKED, FMT)
-    c3 = load_param(ptr, o + 3, o + 3 < n_valid, MASKED, FMT)
+    c0 = load_param(ptr, r_ptr, o, o < n_valid, MASKED, FMT)
+    c1 = load_param(ptr, r_ptr, o + 1, o + 1 < n_valid, MASKED, FMT)
+    c2 = load_param(ptr, r_ptr, o + 2, o + 2 < n_valid, MASKED, FMT)
+    c3 = load_param(ptr, r_ptr, o + 3, o + 3 < n_valid, MASKED, FMT)
     return tl.join(tl.join(c0, c2), tl.join(c1, c3))
 
 
 @triton.jit
 def store_param_quads(
-    ptr, q, x, n_valid, MASKED: tl.constexpr, FMT: tl.constexpr, BF16_RTNE: tl.constexpr
+    ptr, r_ptr, q, x, n_valid, MASKED: tl.constexpr, FMT: tl.constexpr, BF16_RTNE: tl.constexpr
 ):
     """The inverse of :func:`load_param_quads`: ``x`` is ``[N, 2, 2]``, split into columns."""
     o = 4 * q
     a, b = tl.split(x)
     c0, c2 = tl.split(a)
     c1, c3 = tl.split(b)
-    store_param(ptr, o, c0, o < n_valid, MASKED, FMT, BF16_RTNE)
-    store_param(ptr, o + 1, c1, o + 1 < n_valid, MASKED, FMT, BF16_RTNE)
-    store_param(ptr, o + 2, c2, o + 2 < n_valid, MASKED, FMT, BF16_RTNE)
-    store_param(ptr, o + 3, c3, o + 3 < n_valid, MASKED, FMT, BF16_RTNE)
+    store_param(ptr, r_ptr, o, c0, o < n_valid, MASKED, FMT, BF16_RTNE)
+    store_param(ptr, r_ptr, o + 1, c1, o + 1 < n_valid, MASKED, FMT, BF16_RTNE)
+    store_param(ptr, r_ptr, o + 2, c2, o + 2 < n_valid, MASKED, FMT, BF16_RTNE)
+    store_param(ptr, r_ptr, o + 3, c3, o + 3 < n_valid, MASKED, FMT, BF16_RTNE)
 
 
 @triton.jit
@@ -378,6 +446,7 @@ def foam_tile(
     ms_ptr,
     vs_ptr,
     vmaxs_ptr,
+    r_ptr,
     ebase,
     sbase,
     cbase,
@@ -427,11 +496,13 @@ def foam_tile(
 
     if QUADS:
         q = tl.arange(0, BB * B // 4)
-        g = tl.reshape(load_param_quads(g_ptr + ebase, q, n_valid, MASKED, 0), (BB * B,))
-        p = tl.reshape(load_param_quads(p_ptr + ebase, q, n_valid, MASKED, PARAM_FMT), (BB * B,))
+        g = tl.reshape(load_param_quads(g_ptr + ebase, g_ptr, q, n_valid, MASKED, 0), (BB * B,))
+        p = tl.reshape(
+            load_param_quads(p_ptr + ebase, r_ptr + ebase, q, n_valid, MASKED, PARAM_FMT), (BB * B,)
+        )
     else:
-        g = load_param(g_ptr, offs, emask, MASKED, 0)  # gradients are plain tensors
-        p = load_param(p_ptr, offs, emask, MASKED, PARAM_FMT)
+        g = load_param(g_ptr, g_ptr, offs, emask, MASKED, 0)  # gradients are plain tensors
+        p = load_param(p_ptr, r_ptr, offs, emask, MASKED, PARAM_FMT)
     m = load_moment(m_ptr, ms_ptr, sidx, cbase, gbase, n_valid, MASKED, STATE_FMT, True, LEVEL, BB)
     v = load_moment(v_ptr, vs_ptr, sidx, cbase, gbase, n_valid, MASKED, STATE_FMT, False, LEVEL, BB)
     if MAXIMIZE:
@@ -461,7 +532,7 @@ def foam_tile(
 
     m = beta1 * m + one_minus_beta1 * gb
     v = beta2 * v + one_minus_beta2 * qb
-    seeds = seed4.to(tl.uint32)  # 4 * step mod 2**32, as codec.hash32's first mask
+    seeds = tl.cast(seed4, tl.uint32)  # 4 * step mod 2**32, as codec.hash32's first mask
     store_moment(
         m_ptr, ms_ptr, sidx, cbase, gbase, m, n_valid, hash32(seeds + 1),
         MASKED, STATE_FMT, True, STATE_SR, LEVEL, BB,
@@ -493,11 +564,11 @@ def foam_tile(
     p = p - step_size * tl.div_rn(big_m, denom)
     if QUADS:
         p = tl.reshape(p, (BB * B // 4, 2, 2))
-        store_param_quads(p_ptr + ebase, q, p, n_valid, MASKED, PARAM_FMT, BF16_RTNE)
+        store_param_quads(p_ptr + ebase, r_ptr + ebase, q, p, n_valid, MASKED, PARAM_FMT, BF16_RTNE)
     else:
         if LEVEL > 0:
             p = tl.reshape(p, (BB * B,))
-        store_param(p_ptr, offs, p, emask, MASKED, PARAM_FMT, BF16_RTNE)
+        store_param(p_ptr, r_ptr, offs, p, emask, MASKED, PARAM_FMT, BF16_RTNE)
 
 
 @triton.jit
@@ -510,6 +581,7 @@ def foam_span(
     ms_ptr,
     vs_ptr,
     vmaxs_ptr,
+    r_ptr,
     erow,
     srow,
     crow,
@@ -562,6 +634,7 @@ def foam_span(
             ms_ptr,
             vs_ptr,
             vmaxs_ptr,
+            r_ptr,
             erow + b * B,
             srow + b,
             crow + b // CB,
@@ -602,6 +675,7 @@ def foam_span(
             ms_ptr,
             vs_ptr,
             vmaxs_ptr,
+            r_ptr,
             erow + rest * B,
             srow + rest,
             crow + rest // CB,
