@@ -1,6 +1,6 @@
 """The Triton step backend (CUDA): the fused kernels as torch ops.
 
-Why two ops, built differently (the rule Inductor relies on is that an op's declared mutations
+Why the ops are built differently (the rule Inductor relies on is that an op's declared mutations
 are the truth):
 
 * ``foam::adam_step_`` (one parameter) is a ``torch.library.triton_op``. Under torch.compile it is
@@ -12,13 +12,18 @@ are the truth):
   Inductor's TTIR analysis cannot follow (it would think nothing is written and could reorder or
   drop the step). Opaque, the op's ``mutates_args`` are what Inductor trusts; they name exactly the
   written lists.
+* ``foam::adam_step_formats_`` (one parameter whose moments are int8/int4 codes, nearest or
+  stochastic, and/or that carries master-weight correction bits) is a ``triton_op`` like
+  ``adam_step_``: codes, group scales and ``master_rho`` are real arguments, decoded, stepped
+  and re-encoded in the kernel's one pass (``kernels/tile.py``, "Formats").
 
-The backend steps a group through ``adam_step_grouped_``. Step counters are incremented once
+The backend steps a group through ``adam_step_grouped_``, and each parameter with grouped codes
+or correction bits through ``adam_step_formats_``. Step counters are incremented once
 per step, by the one ``torch._foreach_add_`` in :func:`foam_compile.functional.foam_adam_`; the
 kernel reads device counters where they live (a column of its pointer table), so a capturable
 step (``capturable=True``, steps on the device) does no host read, no gather and no copy: it can
 be captured by ``torch.compile(mode="reduce-overhead")`` once an eager step has built the
-kernel's tables (cudagraph trees run eager warm-up steps first). Both ops also run where the kernel
+kernel's tables (cudagraph trees run eager warm-up steps first). The ops also run where the kernel
 cannot (CPU without ``TRITON_INTERPRET=1``, float64, a level above the kernel's ``MAX_LEVEL``):
 there they run the one plain-torch update (:mod:`foam_compile.update`). ``lr``/``step`` are
 split into a number and an optional tensor (a tensor, when given, wins): op schemas have no

@@ -78,6 +78,7 @@ class Variant:
     aligned: bool = True
     idx64: bool = False
     state: str = "fp32"  # the state format: "fp32", "int8", "int4", "int8-sr", "int4-sr"
+    rho: str | None = None  # master weights: the correction bits' width ("int8", "int16")
 
     def heaviest(self) -> Variant:
         return self
@@ -94,6 +95,7 @@ class Variant:
         flags += [] if self.aligned else ["unaligned"]
         flags += ["i64"] if self.idx64 else []
         flags += [] if self.state == "fp32" else [self.state]
+        flags += [f"rho:{self.rho}"] if self.rho else []
         return " ".join(flags)
 
 
@@ -195,9 +197,10 @@ def ci_sample() -> list[Variant]:
 
 
 def quant_sample() -> list[Variant]:
-    """The grouped state formats (per-tensor kernel): int8 and int4 at levels 0-4 on sm_90
-    (ragged, and even at levels 0 and 2 for the register ratio), both stochastic variants,
-    and sm_80 at level 2; heaviest flags."""
+    """The grouped state formats and master weights (per-tensor kernel): int8 and int4 at
+    levels 0-4 on sm_90 (ragged, and even at levels 0 and 2), both stochastic variants, sm_80
+    at level 2; bf16/fp16 parameters with int8/int16 corrections, float32 and int8 moments,
+    even and ragged, both architectures; heaviest flags."""
 
     def ragged(arch, level, state):
         return dataclasses.replace(
@@ -212,6 +215,12 @@ def quant_sample() -> list[Variant]:
         out.append(ragged(80, 2, state))
     out += [ragged(arch, 2, state) for state in ("int8-sr", "int4-sr") for arch in ARCHS]
     out.append(ragged(90, 4, "int4-sr"))
+    # master weights: bf16/fp16 parameters with int8/int16 correction bits (issue 13)
+    for arch in ARCHS:
+        out.append(dataclasses.replace(ragged(arch, 2, "fp32"), p="bf16", g="bf16", rho="int8"))
+    out.append(dataclasses.replace(ragged(90, 1, "int8"), p="fp16", g="fp16", rho="int16"))
+    even = dataclasses.replace(_heavy("single", 90, 0, True, GRID_CONFIG), p="bf16", g="bf16")
+    out += [dataclasses.replace(even, rho="int16"), dataclasses.replace(even, level=3, rho="int8")]
     return out
 
 
@@ -333,6 +342,7 @@ def launch_signature(v: Variant):
             bf16=False,
             state_fmt={"fp32": 0, "int8": 1, "int4": 2}[v.state.removesuffix("-sr")],
             stochastic=v.state.endswith("-sr"),
+            param_fmt={None: 0, "int8": 1, "int16": 2}[v.rho],
         )
         constexprs["TILE"] = v.tile
         codes = v.state != "fp32"
@@ -345,6 +355,7 @@ def launch_signature(v: Variant):
             "ms_ptr": "*fp32",  # the group scales (the moments themselves in float32)
             "vs_ptr": "*fp32",
             "vmaxs_ptr": "*fp32",
+            "r_ptr": {"int8": "*i8", "int16": "*i16"}.get(v.rho, f"*{v.p}"),  # else: p again
             "lr_ptr": f"*{v.lr}" if v.lr else "*fp32",
             "step_ptr": f"*{v.step}" if v.step else "*fp32",
         }

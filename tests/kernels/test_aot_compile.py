@@ -19,8 +19,9 @@ Bounds, and why:
   resident program per SM against the even ones at 8 warps);
 * the configs compile to distinct cubins (a duplicate config only doubles the tuning time).
 
-Grouped state formats (int8/int4 codes, nearest and stochastic; the per-tensor kernel) are held
-to the same compile and spill bounds at levels 0-4. The ragged/even ratio and the no-shuffle
+Grouped state formats (int8/int4 codes, nearest and stochastic; the per-tensor kernel) and
+master weights (bf16/fp16 + int8/int16 correction bits) are held to the same compile and spill
+bounds (grouped formats at levels 0-4). The ragged/even ratio and the no-shuffle
 rule are the float32 layouts' promises: a grouped tile reduces each group's max across the
 threads that hold its 32 blocks, which takes shuffles by design, and a level-0 ragged 4-bit
 launch is the one over the ratio (registers in ``benchmarks/RESULTS.md``).
@@ -55,6 +56,8 @@ def test_the_sample_covers_every_level_flag_dtype_and_config():
     assert {v.kernel for v in sample} == {"multi", "single"}
     assert all(aot.requestable(v) for v in sample)
     assert {v.state for v in sample} == {"fp32", *aot.QUANT_STATES}
+    assert {v.rho for v in sample} == {None, "int8", "int16"}
+    assert {v.p for v in sample if v.rho} == {"bf16", "fp16"}
     for state in ("int8", "int4"):
         assert {v.level for v in sample if v.state == state} >= set(range(5)), state
         assert {v.arch for v in sample if v.state == state} == set(aot.ARCHS), state
