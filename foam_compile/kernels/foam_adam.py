@@ -38,6 +38,14 @@ Two kernels share the tile code:
   made through such a table, so this kernel is only ever run from the *opaque*
   ``foam::adam_step_grouped_`` custom op, whose ``mutates_args`` declare the mutations.
 
+Formats (:mod:`.tile`, the format hooks). The per-tensor kernel also takes moments in the
+grouped int8/int4 formats (:func:`foam_adam_quant_step_`, nearest or stochastic rounding) and a
+bfloat16/float16 parameter's correction bits (``master_rho`` of either per-tensor launcher): one
+pass still, codes, group scales and corrections read and written once, each group's scale made
+in registers (a grouped tile holds at least one group of 32 blocks). A grouped tensor runs as
+one flat row only when its rows hold whole groups (:func:`quant_even`), otherwise row by row.
+The multi-tensor kernel takes float32 states and plain parameters.
+
 The grouped launcher's steady state. A call's *plan* (groups, shape-only tables, configs) is
 cached by the metadata of every tensor it is given (shapes, dtypes, devices, contiguity, levels,
 how steps are passed): a hit skips validation, since every check is a function of that metadata.
