@@ -4,8 +4,8 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default OUT_DIR: ${OUT:-gpu_check_out}
 #
-# What it does, each stage under its own time limit (about 7 minutes in all on one H100/H200
-# with 16 cores; the limits add up to 455 s):
+# What it does, each stage under its own time limit (about 9 minutes in all on one H100/H200
+# with 16 cores; the limits add up to 585 s):
 #   1. environment: GPU, torch, Triton, Python (torch is never reinstalled); pytest, hypothesis
 #      and pytest-xdist from ./.whl if they are missing (scripts/gpu_wheels.sh fills ./.whl
 #      on a machine with a package index: the GPU machines reach nothing outside);
@@ -16,11 +16,16 @@
 #      launcher in a CUDA graph, torch.compile of a FOAM step with Inductor and with
 #      mode="reduce-overhead", the triton_op under Inductor, tuning kept on disk, FSDP2 on one
 #      device) and the kernel suites (test_foam_kernel.py, test_ragged.py, test_capturable.py,
-#      test_index_width.py) compiled for the device instead of interpreted;
+#      test_index_width.py, and issue 12/13's test_quant_kernel.py (int8/int4 moments, nearest
+#      and stochastic) and test_master_kernel.py (bf16/fp16 + correction bits)) compiled for
+#      the device instead of interpreted;
 #   4. benchmarks/kernel_bench.py on the LLaMA 60m/350m/1b shapes (FOAM triton vs
 #      AdamW(fused=True), % of copy bandwidth);
 #   5. benchmarks/step_bench.py --device cuda on the same shapes (compiled FOAM step vs
 #      AdamW fused);
+#   6. benchmarks/quant_kernel_bench.py: the per-tensor kernel with fp32 / int8 / int4 /
+#      int8-sr moments and bf16 + int8 master weights on 4096 x 11008 and 4096 x 5461 at level 2,
+#      against AdamW fused;
 # and writes OUT_DIR/RESULTS_rows.md (the rows for benchmarks/RESULTS.md) plus each stage's log.
 # A stage that fails or times out is recorded and the next one still runs; the exit code is the
 # number of failed stages.
@@ -85,15 +90,16 @@ XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
 
 # 2. ahead-of-time compile with this machine's Triton
-stage aot 45 "$PY" -m foam_compile.kernels.aot --ci --workers 12 --cache "$OUT_DIR/aot-cache" \
+stage aot 75 "$PY" -m foam_compile.kernels.aot --ci --workers 12 --cache "$OUT_DIR/aot-cache" \
   --table "$OUT_DIR/aot.md"
 
 # 3. the GPU tests (one config, nothing timed, for the correctness suites: fewer compiles)
 stage tests_gpu 120 "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
   tests/kernels/test_gpu.py
-stage tests_kernels 100 env FOAM_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
+stage tests_kernels 160 env FOAM_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
   ${XDIST[@]+"${XDIST[@]}"} tests/kernels/test_foam_kernel.py tests/kernels/test_ragged.py \
-  tests/kernels/test_capturable.py tests/kernels/test_index_width.py
+  tests/kernels/test_capturable.py tests/kernels/test_index_width.py \
+  tests/kernels/test_quant_kernel.py tests/kernels/test_master_kernel.py
 
 # 4-5. benchmarks on the LLaMA shapes
 stage kernel_bench 90 "$PY" benchmarks/kernel_bench.py --size 60m 350m 1b --iters 20 \
@@ -101,6 +107,8 @@ stage kernel_bench 90 "$PY" benchmarks/kernel_bench.py --size 60m 350m 1b --iter
 stage step_bench 100 "$PY" benchmarks/step_bench.py --device cuda --size 60m 350m 1b \
   --dtype bfloat16 --case paper --impl "FOAM compiled" "AdamW fused" --reps 10 --warmup 2 \
   --out "$OUT_DIR/step_bench.md"
+stage quant_bench 40 "$PY" benchmarks/quant_kernel_bench.py --iters 20 \
+  --out "$OUT_DIR/quant_bench.md"
 
 # The rows for benchmarks/RESULTS.md
 {
@@ -112,7 +120,7 @@ stage step_bench 100 "$PY" benchmarks/step_bench.py --device cuda --size 60m 350
   echo
   sed 's/^/    /' "$OUT_DIR/stages.txt"
   echo
-  for part in kernel_bench step_bench aot; do
+  for part in kernel_bench step_bench quant_bench aot; do
     if [ -s "$OUT_DIR/$part.md" ]; then
       echo "### $part"
       echo

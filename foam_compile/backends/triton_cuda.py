@@ -1,6 +1,6 @@
 """The Triton step backend (CUDA): the fused kernels as torch ops.
 
-Why two ops, built differently (the rule Inductor relies on is that an op's declared mutations
+Why the ops are built differently (the rule Inductor relies on is that an op's declared mutations
 are the truth):
 
 * ``foam::adam_step_`` (one parameter) is a ``torch.library.triton_op``. Under torch.compile it is
@@ -12,13 +12,18 @@ are the truth):
   Inductor's TTIR analysis cannot follow (it would think nothing is written and could reorder or
   drop the step). Opaque, the op's ``mutates_args`` are what Inductor trusts; they name exactly the
   written lists.
+* ``foam::adam_step_formats_`` (one parameter whose moments are int8/int4 codes, nearest or
+  stochastic, and/or that carries master-weight correction bits) is a ``triton_op`` like
+  ``adam_step_``: codes, group scales and ``master_rho`` are real arguments, decoded, stepped
+  and re-encoded in the kernel's one pass (``kernels/tile.py``, "Formats").
 
-The backend steps a group through ``adam_step_grouped_``. Step counters are incremented once
+The backend steps a group through ``adam_step_grouped_``, and each parameter with grouped codes
+or correction bits through ``adam_step_formats_``. Step counters are incremented once
 per step, by the one ``torch._foreach_add_`` in :func:`foam_compile.functional.foam_adam_`; the
 kernel reads device counters where they live (a column of its pointer table), so a capturable
 step (``capturable=True``, steps on the device) does no host read, no gather and no copy: it can
 be captured by ``torch.compile(mode="reduce-overhead")`` once an eager step has built the
-kernel's tables (cudagraph trees run eager warm-up steps first). Both ops also run where the kernel
+kernel's tables (cudagraph trees run eager warm-up steps first). The ops also run where the kernel
 cannot (CPU without ``TRITON_INTERPRET=1``, float64, a level above the kernel's ``MAX_LEVEL``):
 there they run the one plain-torch update (:mod:`foam_compile.update`). ``lr``/``step`` are
 split into a number and an optional tensor (a tensor, when given, wins): op schemas have no
@@ -41,14 +46,28 @@ from ..kernels.foam_adam import (
     MAX_LEVEL,
     SUPPORTED_DTYPES,
     foam_adam_grouped_,
+    foam_adam_quant_step_,
     foam_adam_step_,
     is_interpreting,
     is_tracing,
 )
-from ..state import StateFormat
+from ..kernels.tile import QGROUP, QLEVELS, STATE_INT4, STATE_INT8
+from ..master_weights import RHO_KEY
+from ..state import StateFormat, format_of, get_format
 from ..update import foam_update_
 
-__all__ = ["adam_step_", "adam_step_grouped_", "kernel_supports", "step_", "supports"]
+#: This backend steps parameters with correction bits (``backends.select``): its kernels read and
+#: write ``master_rho`` in the step's pass (tests/kernels/test_master_kernel.py).
+MASTER_WEIGHTS = True
+
+__all__ = [
+    "adam_step_",
+    "adam_step_grouped_",
+    "adam_step_formats_",
+    "kernel_supports",
+    "step_",
+    "supports",
+]
 
 _DTYPE = operator.attrgetter("dtype")
 _ONE_MUTATES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -66,9 +85,27 @@ def kernel_supports(param: Tensor, grad: Optional[Tensor] = None, level: int = 0
     )
 
 
-def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> str | None:
-    if fmt.name != "fp32":
+def grouped_format_reason(fmt: StateFormat) -> str | None:
+    """``None`` if the kernel reads ``fmt``: float32, or a grouped format whose group and code
+    levels are the ones the kernel restates (:mod:`foam_compile.kernels.tile`)."""
+    if fmt.name == "fp32":
+        return None
+    bits = getattr(fmt, "bits", None)
+    want = {8: QLEVELS[STATE_INT8], 4: QLEVELS[STATE_INT4]}.get(bits)
+    levels = getattr(fmt, "levels", {})
+    if (
+        want is None
+        or getattr(fmt, "group", None) != QGROUP
+        or (levels.get("signed"), levels.get("square")) != want
+    ):
         return f"the Triton kernel does not read state_format={fmt.name!r}"
+    return None
+
+
+def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> str | None:
+    reason = grouped_format_reason(fmt)
+    if reason is not None:
+        return reason
     if not kernel_supports(p, g, level):
         return (
             f"the Triton kernel takes contiguous float32/bfloat16/float16 tensors at levels "
@@ -95,8 +132,22 @@ def _hyper_kwargs(hp: Hyper) -> dict:
 def step_(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
 ) -> None:
-    """One grouped launch per (dtype, level) for the whole list."""
+    """One grouped launch per (dtype, level) for the float32 states; one launch per parameter
+    whose moments are grouped codes or that carries correction bits
+    (``foam::adam_step_formats_``)."""
     lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
+    lr_value = float(hp.lr) if lr_tensor is None else 0.0
+    plain = [i for i, st in enumerate(states) if "foam_format" not in st and RHO_KEY not in st]
+    if len(plain) < len(states):
+        plain = [i for i, st in enumerate(states) if _plain(st)]
+        for i, st in enumerate(states):
+            if not _plain(st):
+                _one_step(params[i], grads[i], st, lr_value, lr_tensor, hp)
+        params = [params[i] for i in plain]
+        grads = [grads[i] for i in plain]
+        states = [states[i] for i in plain]
+    if not params:
+        return
     torch.ops.foam.adam_step_grouped_(
         list(params),
         list(grads),
@@ -105,7 +156,35 @@ def step_(
         [st["max_exp_avg_sq"] for st in states] if hp.amsgrad else [],
         [st["step"] for st in states],
         [st["foam_level"] for st in states],
-        float(hp.lr) if lr_tensor is None else 0.0,
+        lr_value,
+        lr_tensor,
+        **_hyper_kwargs(hp),
+    )
+
+
+def _plain(st: dict) -> bool:
+    return format_of(st).name == "fp32" and RHO_KEY not in st
+
+
+def _one_step(p, g, st, lr_value, lr_tensor, hp: Hyper) -> None:
+    """``foam::adam_step_formats_``: one parameter with grouped codes or correction bits."""
+    fmt = format_of(st)
+    ams = hp.amsgrad
+    side = fmt.name != "fp32"
+    torch.ops.foam.adam_step_formats_(
+        p,
+        g,
+        st["exp_avg"],
+        st["exp_avg_scale"] if side else None,
+        st["exp_avg_sq"],
+        st["exp_avg_sq_scale"] if side else None,
+        st["max_exp_avg_sq"] if ams else None,
+        st["max_exp_avg_sq_scale"] if ams and side else None,
+        st.get(RHO_KEY),
+        fmt.name,
+        st["step"],
+        st["foam_level"],
+        lr_value,
         lr_tensor,
         **_hyper_kwargs(hp),
     )
@@ -311,3 +390,109 @@ adam_step_grouped_ = torch.library.custom_op(
     "foam::adam_step_grouped_", _adam_step_grouped_impl, mutates_args=_GROUPED_MUTATES
 )
 adam_step_grouped_.register_fake(_adam_step_grouped_fake)
+
+
+# ------------------------------------------------- grouped formats (int8/int4), correction bits
+_FORMATS_MUTATES = (
+    "param",
+    "exp_avg",
+    "exp_avg_scale",
+    "exp_avg_sq",
+    "exp_avg_sq_scale",
+    "max_exp_avg_sq",
+    "max_exp_avg_sq_scale",
+    "master_rho",
+)
+
+
+def _adam_step_formats_impl(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_scale: Optional[Tensor],
+    exp_avg_sq: Tensor,
+    exp_avg_sq_scale: Optional[Tensor],
+    max_exp_avg_sq: Optional[Tensor],
+    max_exp_avg_sq_scale: Optional[Tensor],
+    master_rho: Optional[Tensor],
+    state_format: str,
+    step: Tensor,
+    level: int,
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    scale: float,
+    res_scale: float,
+) -> None:
+    """One parameter whose moments are in ``state_format`` and/or that carries correction bits
+    ``master_rho``: every tensor a real argument (a ``triton_op``, as ``adam_step_``)."""
+    fmt = get_format(state_format)
+    hyper = dict(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        res_scale=res_scale,
+    )
+    lr_any = lr if lr_tensor is None else lr_tensor
+    kw = dict(lr=lr_any, step=step, level=level, master_rho=master_rho, **hyper)
+    if (
+        grouped_format_reason(fmt) is None
+        and kernel_supports(param, grad, level)
+        and not (is_interpreting() and is_tracing())
+    ):
+        if fmt.name == "fp32":
+            foam_adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
+        else:
+            foam_adam_quant_step_(
+                param,
+                grad,
+                exp_avg,
+                exp_avg_scale,
+                exp_avg_sq,
+                exp_avg_sq_scale,
+                max_exp_avg_sq,
+                max_exp_avg_sq_scale,
+                bits=fmt.bits,
+                stochastic=fmt.stochastic,
+                **kw,
+            )
+        return
+    # Where the kernel cannot run: the plain-torch backend on the same tensors.
+    state = {"step": step, "foam_level": level, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if fmt.name != "fp32":
+        state.update(
+            foam_format=state_format, exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale
+        )
+    if amsgrad:
+        state["max_exp_avg_sq"] = max_exp_avg_sq
+        if fmt.name != "fp32":
+            state["max_exp_avg_sq_scale"] = max_exp_avg_sq_scale
+    width = None
+    if master_rho is not None:
+        state[RHO_KEY] = master_rho
+        width = "int8" if master_rho.dtype == torch.int8 else "int16"
+    from . import plain_torch
+
+    hp = Hyper(lr=lr_any, level=level, master_weights=width, **hyper)
+    plain_torch.step_([param], [grad], [state], hp)
+
+
+def _adam_step_formats_fake(*args, **kwargs) -> None:
+    return None
+
+
+adam_step_formats_ = torch.library.triton_op(
+    "foam::adam_step_formats_", _adam_step_formats_impl, mutates_args=_FORMATS_MUTATES
+)
+adam_step_formats_.register_fake(_adam_step_formats_fake)

@@ -51,7 +51,9 @@ CONFIGS = tuning.CONFIGS
 GRID_CONFIG = (2048, 8)  # the register table's config: 8 elements a thread, allowed even and ragged
 DTYPES = ("fp32", "bf16", "fp16")
 DTYPE_PAIRS = tuple((p, g) for p in DTYPES for g in DTYPES)
-STEP_KINDS = ("fp32", None, "fp64", "i64", "i32")  # a device counter's dtype, None = host
+STEP_KINDS = ("fp32", None, "fp64", "i64", "i32")
+# Grouped state formats: the per-tensor kernel only (the grouped launch takes float32 states).
+QUANT_STATES = ("int8", "int4", "int8-sr", "int4-sr")  # a device counter's dtype, None = host
 LR_KINDS = ("fp32", None, "fp64")
 _HERE = pathlib.Path(__file__).resolve().parent
 
@@ -75,6 +77,8 @@ class Variant:
     step: str | None = "fp32"
     aligned: bool = True
     idx64: bool = False
+    state: str = "fp32"  # the state format: "fp32", "int8", "int4", "int8-sr", "int4-sr"
+    rho: str | None = None  # master weights: the correction bits' width ("int8", "int16")
 
     def heaviest(self) -> Variant:
         return self
@@ -90,12 +94,16 @@ class Variant:
         flags += [f"lr:{self.lr or 'host'}", f"step:{self.step or 'host'}"]
         flags += [] if self.aligned else ["unaligned"]
         flags += ["i64"] if self.idx64 else []
+        flags += [] if self.state == "fp32" else [self.state]
+        flags += [f"rho:{self.rho}"] if self.rho else []
         return " ".join(flags)
 
 
 def requestable(v: Variant) -> bool:
     """Whether a launcher can make this launch (a ragged launch holds <= 8 elements a thread)."""
-    return (v.even or v.level > 0) and tuning.allowed((v.tile, v.warps), v.even)
+    # level 0 runs ragged only for grouped states (rows that do not hold whole groups)
+    flat_ok = v.even or v.level > 0 or v.state != "fp32"
+    return flat_ok and tuning.allowed((v.tile, v.warps), v.even)
 
 
 def _heavy(kernel, arch, level, even, config) -> Variant:
@@ -139,6 +147,7 @@ def covering() -> list[Variant]:
     for config in CONFIGS:
         out += grid("multi", archs=(90,), config=config)
     out += flag_coverage("multi") + flag_coverage("single")
+    out += quant_sample()
     return _unique(v for v in out if requestable(v))
 
 
@@ -183,7 +192,36 @@ def ci_sample() -> list[Variant]:
     out += compact_flags("multi")
     out += [_heavy("single", 90, level, False, GRID_CONFIG) for level in (0, 2, 8)]
     out.append(_heavy("single", 80, 2, False, GRID_CONFIG))
+    out += quant_sample()
     return _unique(v for v in out if requestable(v))
+
+
+def quant_sample() -> list[Variant]:
+    """The grouped state formats and master weights (per-tensor kernel): int8 and int4 at
+    levels 0-4 on sm_90 (ragged, and even at levels 0 and 2), both stochastic variants, sm_80
+    at level 2; bf16/fp16 parameters with int8/int16 corrections, float32 and int8 moments,
+    even and ragged, both architectures; heaviest flags."""
+
+    def ragged(arch, level, state):
+        return dataclasses.replace(
+            _heavy("single", arch, level, False, GRID_CONFIG), even=False, state=state
+        )
+
+    out = []
+    for state in ("int8", "int4"):
+        out += [ragged(90, level, state) for level in range(5)]
+        even = _heavy("single", 90, 0, True, GRID_CONFIG)
+        out += [dataclasses.replace(even, level=lv, state=state) for lv in (0, 2)]
+        out.append(ragged(80, 2, state))
+    out += [ragged(arch, 2, state) for state in ("int8-sr", "int4-sr") for arch in ARCHS]
+    out.append(ragged(90, 4, "int4-sr"))
+    # master weights: bf16/fp16 parameters with int8/int16 correction bits (issue 13)
+    for arch in ARCHS:
+        out.append(dataclasses.replace(ragged(arch, 2, "fp32"), p="bf16", g="bf16", rho="int8"))
+    out.append(dataclasses.replace(ragged(90, 1, "int8"), p="fp16", g="fp16", rho="int16"))
+    even = dataclasses.replace(_heavy("single", 90, 0, True, GRID_CONFIG), p="bf16", g="bf16")
+    out += [dataclasses.replace(even, rho="int16"), dataclasses.replace(even, level=3, rho="int8")]
+    return out
 
 
 def _unique(variants: Iterable[Variant]) -> list[Variant]:
@@ -302,20 +340,29 @@ def launch_signature(v: Variant):
             step_ptr=v.step is not None,
             idx64=v.idx64,
             bf16=False,
+            state_fmt={"fp32": 0, "int8": 1, "int4": 2}[v.state.removesuffix("-sr")],
+            stochastic=v.state.endswith("-sr"),
+            param_fmt={None: 0, "int8": 1, "int16": 2}[v.rho],
         )
         constexprs["TILE"] = v.tile
+        codes = v.state != "fp32"
         pointers = {
             "p_ptr": f"*{v.p}",
             "g_ptr": f"*{v.g}",
-            "m_ptr": "*fp32",
-            "v_ptr": "*fp32",
-            "vmax_ptr": "*fp32",
+            "m_ptr": ("*i8" if v.state.startswith("int8") else "*u8") if codes else "*fp32",
+            "v_ptr": "*u8" if codes else "*fp32",
+            "vmax_ptr": "*u8" if codes else "*fp32",
+            "ms_ptr": "*fp32",  # the group scales (the moments themselves in float32)
+            "vs_ptr": "*fp32",
+            "vmaxs_ptr": "*fp32",
+            "r_ptr": {"int8": "*i8", "int16": "*i16"}.get(v.rho, f"*{v.p}"),  # else: p again
             "lr_ptr": f"*{v.lr}" if v.lr else "*fp32",
             "step_ptr": f"*{v.step}" if v.step else "*fp32",
         }
         # n, nb: a ragged row (5461 at level 2: no divisibility) or a flat even tensor (D).
         ints = {"n": "i64" if v.idx64 else "i32", "nb": "i64" if v.idx64 else "i32"}
         ints["SIZE_BUCKET"] = "i32"
+        ints["step4"] = "i32"
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

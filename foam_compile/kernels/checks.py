@@ -146,8 +146,8 @@ def check_level(level, where: str) -> int:
     return level
 
 
-def check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad, where) -> int:
-    """Validate one parameter's tensors; return the level it runs at."""
+def check_param_grad(p, grad, where) -> None:
+    """The parameter and its gradient: tensors of a supported dtype, the same shape."""
     if not isinstance(p, Tensor):
         raise ValueError(f"{where}: param must be a tensor, got {type(p).__name__}")
     if p.dtype not in SUPPORTED_DTYPES:
@@ -165,6 +165,11 @@ def check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad, 
             f"{where}: grad dtype {grad.dtype} is not supported; use one of "
             f"{[str(d) for d in SUPPORTED_DTYPES]}"
         )
+
+
+def check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad, where) -> int:
+    """Validate one parameter's tensors; return the level it runs at."""
+    check_param_grad(p, grad, where)
     level = run_level(p.shape, check_level(level, where))
     fshape = state_shape(p.shape, level)
     named = [("param", p), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
@@ -191,4 +196,52 @@ def check_tensors(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, amsgrad, 
                 f"{where}: {name} has shape {list(x.shape)}; a param of shape "
                 f"{list(p.shape)} at level {level} needs {list(fshape)}"
             )
+    return level
+
+
+def grouped_shapes(fshape: tuple[int, ...], bits: int, group: int) -> tuple[tuple, tuple]:
+    """``(codes shape, scales shape)`` of a moment of folded shape ``fshape`` in a grouped format
+    (``foam_compile/formats/grouped.py``'s layout, restated here)."""
+    if not fshape:
+        return (), ()
+    *lead, n = fshape
+    codes = n if bits == 8 else -(-n // 2)
+    return (*lead, codes), (*lead, -(-n // group))
+
+
+def check_quant_tensors(p, grad, moments, bits, level, where, group: int = 32) -> int:
+    """Validate a parameter whose moments are grouped codes: ``moments`` is ``[(codes, scales)]``
+    (``exp_avg``, ``exp_avg_sq``, then ``max_exp_avg_sq`` with amsgrad). Returns the run level."""
+    if bits not in (4, 8):
+        raise ValueError(f"{where}: bits must be 8 or 4, got {bits!r}")
+    check_param_grad(p, grad, where)
+    for name, x in (("param", p), ("grad", grad)):
+        if x.device != p.device or not x.is_contiguous():
+            raise ValueError(
+                f"{where}: {name} must be a contiguous tensor on {p.device}; call "
+                ".contiguous() first"
+            )
+    level = run_level(p.shape, check_level(level, where))
+    codes_shape, scales_shape = grouped_shapes(state_shape(p.shape, level), bits, group)
+    names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for k, (codes, scales) in enumerate(moments):
+        name = names[k]
+        dtype = torch.int8 if bits == 8 and k == 0 else torch.uint8
+        for label, x, want_dtype, want_shape in (
+            (name, codes, dtype, codes_shape),
+            (f"{name}_scale", scales, torch.float32, scales_shape),
+        ):
+            if not isinstance(x, Tensor):
+                raise ValueError(f"{where}: {label} must be a tensor, got {type(x).__name__}")
+            if x.device != p.device or not x.is_contiguous():
+                raise ValueError(
+                    f"{where}: {label} must be a contiguous tensor on {p.device} (got "
+                    f"{x.device}, strides {list(x.stride())}); call .contiguous() first"
+                )
+            if x.dtype != want_dtype or tuple(x.shape) != tuple(want_shape):
+                raise ValueError(
+                    f"{where}: {label} is {x.dtype} {list(x.shape)}; a param of shape "
+                    f"{list(p.shape)} at level {level} in {bits}-bit codes needs {want_dtype} "
+                    f"{list(want_shape)}"
+                )
     return level

@@ -38,6 +38,14 @@ Two kernels share the tile code:
   made through such a table, so this kernel is only ever run from the *opaque*
   ``foam::adam_step_grouped_`` custom op, whose ``mutates_args`` declare the mutations.
 
+Formats (:mod:`.tile`, the format hooks). The per-tensor kernel also takes moments in the
+grouped int8/int4 formats (:func:`foam_adam_quant_step_`, nearest or stochastic rounding) and a
+bfloat16/float16 parameter's correction bits (``master_rho`` of either per-tensor launcher): one
+pass still, codes, group scales and corrections read and written once, each group's scale made
+in registers (a grouped tile holds at least one group of 32 blocks). A grouped tensor runs as
+one flat row only when its rows hold whole groups (:func:`quant_even`), otherwise row by row.
+The multi-tensor kernel takes float32 states and plain parameters.
+
 The grouped launcher's steady state. A call's *plan* (groups, shape-only tables, configs) is
 cached by the metadata of every tensor it is given (shapes, dtypes, devices, contiguity, levels,
 how steps are passed): a hit skips validation, since every check is a function of that metadata.
@@ -85,16 +93,29 @@ from .checks import (
     SUPPORTED_DTYPES,
     KernelHyper,
     check_lr,
+    check_quant_tensors,
     check_step,
     check_tensors,
     host_bias_corrections,
+    state_shape,
 )
-from .tile import PARAM_PLAIN, STATE_FP32, foam_span, step_scalars
+from .tile import (
+    PARAM_PLAIN,
+    PARAM_RHO8,
+    PARAM_RHO16,
+    QGROUP,
+    STATE_FP32,
+    STATE_INT4,
+    STATE_INT8,
+    foam_span,
+    step_scalars,
+)
 
 __all__ = [
     "MAX_LEVEL",
     "SUPPORTED_DTYPES",
     "foam_adam_grouped_",
+    "foam_adam_quant_step_",
     "foam_adam_step_",
     "is_interpreting",
     "is_tracing",
@@ -157,8 +178,9 @@ def _prune_configs(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_CONFIGS,
     prune_configs_by={"early_config_prune": _prune_configs},
-    key=["LEVEL", "EVEN", "STATE_FMT", "SIZE_BUCKET"],  # Triton adds the tensors' dtypes
-    restore_value=["p_ptr", "m_ptr", "v_ptr", "vmax_ptr"],
+    # Triton adds the tensors' dtypes to the key
+    key=["LEVEL", "EVEN", "STATE_FMT", "STATE_SR", "SIZE_BUCKET"],
+    restore_value=["p_ptr", "m_ptr", "v_ptr", "vmax_ptr", "ms_ptr", "vs_ptr", "vmaxs_ptr", "r_ptr"],
     do_bench=_cpu_do_bench if is_interpreting() else None,  # None: Triton's GPU timer
     cache_results=True,  # on disk, next to Triton's kernel cache (never in the interpreter)
 )
@@ -169,6 +191,10 @@ def _foam_adam_kernel(
     m_ptr,
     v_ptr,
     vmax_ptr,
+    ms_ptr,
+    vs_ptr,
+    vmaxs_ptr,
+    r_ptr,
     lr_ptr,
     step_ptr,
     n,
@@ -186,6 +212,7 @@ def _foam_adam_kernel(
     weight_decay,
     scale,
     rho,
+    step4,
     SIZE_BUCKET,  # autotune key only: log2 of the (saturated) element count
     LEVEL: tl.constexpr,
     EVEN: tl.constexpr,
@@ -197,12 +224,16 @@ def _foam_adam_kernel(
     IDX64: tl.constexpr,
     PARAM_FMT: tl.constexpr,
     STATE_FMT: tl.constexpr,
+    STATE_SR: tl.constexpr,
     BF16_RTNE: tl.constexpr,
     TILE: tl.constexpr,
 ):
     """One tile per program. Even: one flat row of ``n`` elements, ``nb`` blocks. Ragged: rows of
-    ``n`` elements and ``nb`` blocks, ``ceil(nb / BB)`` programs a row."""
-    BB: tl.constexpr = (TILE >> LEVEL) if (TILE >> LEVEL) > 0 else 1
+    ``n`` elements and ``nb`` blocks, ``ceil(nb / BB)`` programs a row. Grouped states
+    (``STATE_FMT`` 1, 2) take at least one group of blocks a tile (:func:`block_tile`), and are
+    even only when every row holds whole groups (:func:`quant_even`)."""
+    MIN_BB: tl.constexpr = 32 if STATE_FMT != 0 else 1  # tile.QGROUP (jit reads no globals)
+    BB: tl.constexpr = (TILE >> LEVEL) if (TILE >> LEVEL) > MIN_BB else MIN_BB
     pid = tl.program_id(0)
     if IDX64 or not EVEN:  # int64 index arithmetic (module docstring, "Index width")
         pid = pid.to(tl.int64)
@@ -223,6 +254,9 @@ def _foam_adam_kernel(
         LR_FROM_PTR,
         STEP_FROM_PTR,
     )
+    seed4 = tl.cast(step4, tl.int64)  # the stochastic rounding's seed (dead unless STATE_SR)
+    if STEP_FROM_PTR:
+        seed4 = tl.load(step_ptr).to(tl.int64) * 4
     if EVEN:
         row = 0
         b0 = pid * BB
@@ -230,14 +264,22 @@ def _foam_adam_kernel(
         tiles_per_row = (nb + BB - 1) // BB
         row = pid // tiles_per_row
         b0 = (pid - row * tiles_per_row) * BB
+    code_row = nb if STATE_FMT != 2 else (nb + 1) // 2  # 4-bit rows: ceil(nb / 2) bytes
     foam_span(
         p_ptr,
         g_ptr,
         m_ptr,
         v_ptr,
         vmax_ptr,
+        ms_ptr,
+        vs_ptr,
+        vmaxs_ptr,
+        r_ptr,
         row * n,
         row * nb,
+        row * code_row,
+        row * ((nb + 31) // 32),  # groups a row
+        seed4,
         b0,
         tl.minimum(b0 + BB, nb),
         n,
@@ -259,6 +301,7 @@ def _foam_adam_kernel(
         MAXIMIZE,
         PARAM_FMT,
         STATE_FMT,
+        STATE_SR,
         BF16_RTNE,
     )
 
@@ -296,6 +339,7 @@ def _foam_adam_multi_kernel(
     IDX64: tl.constexpr,
     PARAM_FMT: tl.constexpr,
     STATE_FMT: tl.constexpr,
+    STATE_SR: tl.constexpr,
     BF16_RTNE: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
     TILE: tl.constexpr,
@@ -356,8 +400,15 @@ def _foam_adam_multi_kernel(
         m_ptr,
         v_ptr,
         vmax_ptr,
+        m_ptr,  # no side tensors: the grouped launch takes float32 states only
+        v_ptr,
+        vmax_ptr,
+        p_ptr,  # and parameters without correction bits
         row * n,
         row * nb,
+        row * nb,
+        0,
+        0,
         b0,
         tl.minimum(b0 + CHUNK_BLOCKS, nb),
         n,
@@ -379,13 +430,27 @@ def _foam_adam_multi_kernel(
         MAXIMIZE,
         PARAM_FMT,
         STATE_FMT,
+        STATE_SR,
         BF16_RTNE,
     )
 
 
 # --------------------------------------------------------------------------- launch choices
-def single_constexprs(level: int, even: bool, hp: KernelHyper, *, lr_ptr, step_ptr, idx64, bf16):
-    """The constexprs ``foam_adam_step_`` passes (the AOT check enumerates the same function)."""
+def single_constexprs(
+    level: int,
+    even: bool,
+    hp: KernelHyper,
+    *,
+    lr_ptr,
+    step_ptr,
+    idx64,
+    bf16,
+    state_fmt=STATE_FP32,
+    stochastic=False,
+    param_fmt=PARAM_PLAIN,
+):
+    """The constexprs ``foam_adam_step_`` and ``foam_adam_quant_step_`` pass (the AOT check
+    enumerates the same function)."""
     return dict(
         LEVEL=level,
         EVEN=even,
@@ -395,8 +460,9 @@ def single_constexprs(level: int, even: bool, hp: KernelHyper, *, lr_ptr, step_p
         LR_FROM_PTR=lr_ptr,
         STEP_FROM_PTR=step_ptr,
         IDX64=idx64,
-        PARAM_FMT=PARAM_PLAIN,
-        STATE_FMT=STATE_FP32,
+        PARAM_FMT=param_fmt,
+        STATE_FMT=state_fmt,
+        STATE_SR=stochastic,
         BF16_RTNE=bf16,
     )
 
@@ -420,6 +486,7 @@ def multi_constexprs(
         IDX64=idx64,
         PARAM_FMT=PARAM_PLAIN,
         STATE_FMT=STATE_FP32,
+        STATE_SR=False,
         BF16_RTNE=bf16,
         CHUNK_BLOCKS=plans.chunk_blocks(level),
         TILE=tile,
@@ -483,6 +550,7 @@ def foam_adam_step_(
     maximize: bool = False,
     scale: float = 1.0,
     res_scale: float = 1.0,
+    master_rho: Tensor | None = None,
 ) -> None:
     """One FOAM step for one parameter, in place on ``param`` and the folded states (one launch).
 
@@ -492,7 +560,9 @@ def foam_adam_step_(
     host. ``level`` is clamped to 0 for 0-d/1-d parameters (ALGORITHM.md); the states must have
     the folded shape ``[..., ceil(n / 2**level)]`` and dtype float32. ``param``/``grad`` may be
     float32, bfloat16 or float16 (math in float32). ``scale`` (alpha) applies at level >= 1 only.
-    Every tensor must be contiguous. Allocates nothing.
+    Every tensor must be contiguous. Allocates nothing. ``master_rho``: a bfloat16/float16
+    parameter's int8/int16 correction bits (``foam_compile/master_weights.py``), read and
+    written in the same pass.
     """
     where = "foam_adam_step_"
     hp = _checked_hyper(
@@ -510,6 +580,7 @@ def foam_adam_step_(
     level = check_tensors(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, hp.amsgrad, where
     )
+    param_fmt = check_rho(param, master_rho, where)
     lr_value, lr_tensor = check_lr(lr, param.device, where)
     step_value, step_tensor = check_step(step, param.device, where)
     bc1 = sqrt_bc2 = 1.0
@@ -534,11 +605,16 @@ def foam_adam_step_(
         exp_avg,
         exp_avg_sq,
         vmax,
+        exp_avg,  # no side tensors in float32 (never read)
+        exp_avg_sq,
+        vmax,
+        master_rho if master_rho is not None else param,
         lr_tensor if lr_tensor is not None else exp_avg,  # dummies are never read
         step_tensor if step_tensor is not None else exp_avg,
         n,
         nb,
         **hp.scalars(level, lr_value, bc1, sqrt_bc2),
+        step4=4,
         SIZE_BUCKET=tuning.size_bucket(numel, _saturation(param.device)),
         **single_constexprs(
             level,
@@ -548,6 +624,153 @@ def foam_adam_step_(
             step_ptr=step_tensor is not None,
             idx64=plans.needs_idx64(numel),
             bf16=_bf16_rtne(param.dtype),
+            param_fmt=param_fmt,
+        ),
+    )
+
+
+# ------------------------------------------------------------------ grouped formats (int8/int4)
+def check_rho(param: Tensor, rho: Tensor | None, where: str) -> int:
+    """The parameter format for ``param`` and its correction bits (``PARAM_PLAIN`` without)."""
+    if rho is None:
+        return PARAM_PLAIN
+    if param.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{where}: master_rho belongs to a bfloat16/float16 parameter, got {param.dtype}"
+        )
+    if not isinstance(rho, Tensor) or rho.dtype not in (torch.int8, torch.int16):
+        got = rho.dtype if isinstance(rho, Tensor) else type(rho).__name__
+        raise ValueError(f"{where}: master_rho must be an int8 or int16 tensor, got {got}")
+    if rho.shape != param.shape or rho.device != param.device or not rho.is_contiguous():
+        raise ValueError(
+            f"{where}: master_rho must be a contiguous tensor of the parameter's shape "
+            f"{list(param.shape)} on {param.device}, got {list(rho.shape)} on {rho.device}"
+        )
+    return PARAM_RHO8 if rho.dtype == torch.int8 else PARAM_RHO16
+
+
+def quant_even(shape, level: int) -> bool:
+    """Whether a grouped-format tensor may run as one flat row: every row holds whole blocks and
+    whole groups (so flat groups are the rows' groups, and 4-bit rows end on a whole byte)."""
+    return len(shape) >= 1 and plans.is_even(shape, level) and state_row(shape, level) % QGROUP == 0
+
+
+def state_row(shape, level: int) -> int:
+    """Stored elements in one row of the folded moment (1 for a 0-d parameter)."""
+    return state_shape(shape, level)[-1] if len(shape) else 1
+
+
+def quant_block_tile(tile: int, level: int) -> int:
+    """Blocks per tile of a grouped format: at least one group (the kernel's ``BB``)."""
+    return max(QGROUP, tile >> level)
+
+
+def foam_adam_quant_step_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_scale: Tensor,
+    exp_avg_sq: Tensor,
+    exp_avg_sq_scale: Tensor,
+    max_exp_avg_sq: Tensor | None = None,
+    max_exp_avg_sq_scale: Tensor | None = None,
+    *,
+    bits: int,
+    stochastic: bool = False,
+    lr: float | Tensor,
+    step: float | Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    level: int = 2,
+    decoupled_weight_decay: bool = True,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    scale: float = 1.0,
+    res_scale: float = 1.0,
+    master_rho: Tensor | None = None,
+) -> None:
+    """:func:`foam_adam_step_` with moments in a grouped format (``bits`` 8 or 4; the layout and
+    codes of ``foam_compile/formats/int8.py`` / ``int4.py``): one launch decodes each tile's
+    moments, steps, and re-encodes them with group scales made in registers (rounded to nearest,
+    or stochastically with the formats' counter-based numbers when ``stochastic``). Nothing
+    full-size is allocated. Every tensor is checked before any is written."""
+    where = "foam_adam_quant_step_"
+    hp = _checked_hyper(
+        where,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        scale=scale,
+        rho=res_scale,
+    )
+    level = check_quant_tensors(
+        param,
+        grad,
+        [(exp_avg, exp_avg_scale), (exp_avg_sq, exp_avg_sq_scale)]
+        + ([(max_exp_avg_sq, max_exp_avg_sq_scale)] if hp.amsgrad else []),
+        bits,
+        level,
+        where,
+    )
+    param_fmt = check_rho(param, master_rho, where)
+    lr_value, lr_tensor = check_lr(lr, param.device, where)
+    step_value, step_tensor = check_step(step, param.device, where)
+    bc1 = sqrt_bc2 = 1.0
+    step4 = 4
+    if step_tensor is None:
+        _refuse_host_steps_in_capture(param.device, where)
+        bc1, sqrt_bc2 = host_bias_corrections(step_value, hp.beta1, hp.beta2)
+        step4 = 4 * int(step_value)
+    numel = param.numel()
+    if numel == 0:
+        return
+    even = quant_even(param.shape, level)
+    if even:
+        rows, n, nb = 1, numel, numel >> level
+    else:
+        n = param.shape[-1] if param.dim() else 1
+        rows, nb = numel // n, state_row(param.shape, level)
+    vmax, vmax_s = (max_exp_avg_sq, max_exp_avg_sq_scale) if hp.amsgrad else (exp_avg_sq, None)
+    vmax_s = exp_avg_sq_scale if vmax_s is None else vmax_s  # unused unless AMSGRAD
+
+    def grid(meta):
+        return (rows * triton.cdiv(nb, quant_block_tile(meta["TILE"], level)),)
+
+    kernel = wrap_triton(_foam_adam_kernel) if is_tracing() else _foam_adam_kernel
+    kernel[grid](
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        vmax,
+        exp_avg_scale,
+        exp_avg_sq_scale,
+        vmax_s,
+        master_rho if master_rho is not None else param,
+        lr_tensor if lr_tensor is not None else exp_avg_scale,  # dummies are never read
+        step_tensor if step_tensor is not None else exp_avg_scale,
+        n,
+        nb,
+        **hp.scalars(level, lr_value, bc1, sqrt_bc2),
+        step4=step4,
+        SIZE_BUCKET=tuning.size_bucket(numel, _saturation(param.device)),
+        **single_constexprs(
+            level,
+            even,
+            hp,
+            lr_ptr=lr_tensor is not None,
+            step_ptr=step_tensor is not None,
+            idx64=plans.needs_idx64(numel),
+            bf16=_bf16_rtne(param.dtype),
+            state_fmt=STATE_INT8 if bits == 8 else STATE_INT4,
+            stochastic=bool(stochastic),
+            param_fmt=param_fmt,
         ),
     )
 

@@ -99,7 +99,9 @@ def test_single_launcher_requests_int64_and_covers_every_block(monkeypatch, shap
     kw = call["kwargs"]
     assert kw["IDX64"] and kw["EVEN"] == plans.is_even(shape, level)
     rows, n, nb = plans.geometry(shape, level)
-    assert call["args"][7:9] == (n, nb)  # Triton passes ints >= 2**31 as int64
+    # after the 11 pointers (p, g, 3 moments, 3 scales, correction, lr, step): Triton passes
+    # ints >= 2**31 as int64
+    assert call["args"][11:13] == (n, nb)
     for tile in (1024, 2048, 4096):
         bb = max(1, tile >> level)
         programs = call["grid"]({"TILE": tile})[0]
