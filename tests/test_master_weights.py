@@ -450,7 +450,7 @@ def test_fast_paths_decline_corrections(caplog):
         assert backends.select(p, p, 2, fmt, Hyper(lr=1e-3)) is fake
         with caplog.at_level(logging.INFO, logger="foam_compile"):
             chosen = backends.select(p, p, 2, fmt, Hyper(lr=1e-3, master_weights="int8"))
-        assert chosen.__name__ == "foam_compile.backends.plain_torch"
+        assert chosen is not fake and chosen.MASTER_WEIGHTS  # plain torch, or the CPU kernel
         assert "does not read correction bits" in caplog.text
         # float32 parameters carry no correction: the fast path keeps them
         assert backends.select(p.float(), p, 2, fmt, Hyper(lr=1e-3, master_weights="int8")) is fake
@@ -458,10 +458,14 @@ def test_fast_paths_decline_corrections(caplog):
         backends._REGISTRY[:] = saved
         backends._MODULES.pop("fake", None)
         sys.modules.pop(fake.__name__, None)
-    for name in ("triton", "cpu"):  # today's fast paths have not opted in
-        entry = next(b for b in backends._REGISTRY if b.name == name)
-        module = backends._load(entry)
-        assert module is None or not getattr(module, "MASTER_WEIGHTS", False)
+    entry = next(b for b in backends._REGISTRY if b.name == "triton")  # has not opted in yet
+    module = backends._load(entry)
+    assert module is None or not getattr(module, "MASTER_WEIGHTS", False)
+    # the CPU kernel reads and writes corrections (tests/kernels/test_cpu_quant.py)
+    p = torch.randn(8, 8).to(torch.bfloat16)
+    fmt = foam_compile.state.get_format("fp32")
+    chosen = backends.select(p, p, 2, fmt, Hyper(lr=1e-3, master_weights="int8"))
+    assert chosen.__name__ == "foam_compile.backends.cpu"
 
 
 def test_compiled_step_equals_eager(fresh_dynamo):

@@ -201,3 +201,108 @@ def test_threads_give_identical_codes():
             assert torch.equal(a, b)
         for a, b in zip(sts, results[0][1]):
             assert_same_state(a, b, "threads")
+
+
+# ---------------------------------------------------------------------- correction bits
+MW_SHAPES = [((3, 70), 0), ((2, 37 * 4 + 3), 2), ((2, 3, 45), 3), ((2, 300), 6), ((37,), 2)]
+MW_HYPERS = {**HYPERS, "coupled": Hyper(lr=1e-2, decoupled_weight_decay=False, weight_decay=0.1)}
+
+
+def corrected_param(shape, gen, dtype, width):
+    """A mid-training bfloat16/float16 weight: random values (zeros and tiny ones among them)
+    and random corrections in [-Q, Q]."""
+    p = torch.randn(shape, generator=gen)
+    flat = p.view(-1)
+    flat[::7] = 0.0
+    flat[1::11] *= 1e-30 if dtype == torch.bfloat16 else 1e-6  # subnormal 16-bit values
+    q = master_weights.OPTIONS[width][1]
+    rho = torch.randint(-q, q + 1, shape, generator=gen).to(master_weights.OPTIONS[width][0])
+    return p.to(dtype), rho
+
+
+@pytest.mark.parametrize("option", list(MW_HYPERS))
+@pytest.mark.parametrize("width", ["int8", "int16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_corrections_equal_join_float32_step_split(fmt, dtype, width, option):
+    """The kernel's 16-bit + correction step is its float32 step of join(p, rho), then split_:
+    bit for bit, every level path, partial blocks and vectors, subnormal 16-bit values."""
+    if not kernel.supports_dtype(dtype):
+        pytest.skip(f"this CPU's build does not take {dtype}")
+    hp = MW_HYPERS[option]
+    hp = Hyper(**{**hp.__dict__, "master_weights": width})
+    gen = generator("mw", fmt, str(dtype), width, option)
+    params, rhos, states = [], [], []
+    for shape, lv in MW_SHAPES:
+        p, rho = corrected_param(shape, gen, dtype, width)
+        params.append(p)
+        rhos.append(rho)
+        states.append(new_state(p, lv, fmt, hp.amsgrad, width))
+        states[-1][master_weights.RHO_KEY].copy_(rho)
+    ref_states = [clone_state(st) for st in states]
+    for st in ref_states:
+        del st[master_weights.RHO_KEY]
+    hp32 = Hyper(**{**hp.__dict__, "master_weights": None})
+    for t in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+        thetas = [master_weights.join(p, st[master_weights.RHO_KEY]) for p, st in zip(params, states)]
+        cpu_step(params, grads, states, hp)
+        cpu_step(thetas, [g.float() for g in grads], ref_states, hp32)
+        for i, (p, st) in enumerate(zip(params, states)):
+            p16, rho = torch.empty_like(p), torch.empty_like(st[master_weights.RHO_KEY])
+            master_weights.split_(thetas[i], p16, rho)
+            assert torch.equal(p.view(torch.int16), p16.view(torch.int16)), (i, t)
+            assert torch.equal(st[master_weights.RHO_KEY], rho), (i, t)
+            st = {k: v for k, v in st.items() if k != master_weights.RHO_KEY}
+            assert_same_state(st, ref_states[i], f"param {i} step {t}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_level0_corrections_equal_the_plain_torch_step(dtype, monkeypatch):
+    """At level 0 the update's float32 operations are the plain-torch ones (sqrt correctly
+    rounded in both: see plain_step): parameters, corrections and moments bit for bit."""
+    if not kernel.supports_dtype(dtype):
+        pytest.skip(f"this CPU's build does not take {dtype}")
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt_rn)
+    gen = generator("mw0", str(dtype))
+    hp = Hyper(lr=1e-2, weight_decay=0.1, master_weights="int8")
+    shapes = [(3, 70), (37,), ()]
+    params, states = [], []
+    for shape in shapes:
+        p, rho = corrected_param(shape, gen, dtype, "int8")
+        params.append(p)
+        states.append(new_state(p, 0, "fp32", False, "int8"))
+        states[-1][master_weights.RHO_KEY].copy_(rho)
+    ref_params = [p.clone() for p in params]
+    ref_states = [clone_state(st) for st in states]
+    for t in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+        cpu_step(params, grads, states, hp)
+        plain_step(ref_params, grads, ref_states, hp, monkeypatch)
+        for i in range(len(params)):
+            assert torch.equal(params[i].view(torch.int16), ref_params[i].view(torch.int16))
+            assert_same_state(states[i], ref_states[i], f"param {i} step {t}")
+
+
+# ------------------------------------------------------------------ the optimizer, end to end
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_quantized_model_comparisons_run_the_kernel(fmt, dtype, monkeypatch):
+    """tests/formats' comparison of FOAM with the float64 model of quantized FOAM, every case,
+    with a spy on the kernel's launcher: each step ran in C++ on grouped codes."""
+    from tests.formats import test_quantized_foam as qf
+
+    seen = []
+    launch = kernel.run
+
+    def spy(descs, **kw):
+        seen.extend(descs[i * kernel.FIELDS + 12] for i in range(len(descs) // kernel.FIELDS))
+        return launch(descs, **kw)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    bits = get_format(fmt).bits
+    for shape, level in qf.CASES:
+        for option in qf.OPTIONS:
+            seen.clear()
+            qf.test_each_step_equals_the_quantized_model(fmt, shape, level, dtype, option)
+            assert len(seen) == len(qf.GRAD_SCALES) and set(seen) == {bits}, (shape, option)
