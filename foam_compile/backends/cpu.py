@@ -61,7 +61,10 @@ def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> s
     if p.dtype not in DTYPES:
         return f"the CPU kernel does not take {p.dtype} parameters on this CPU"
     if fmt.name != "fp32" and p.dtype == torch.float64:
-        return f"state_format={fmt.name!r} is float32 arithmetic; float64 parameters run it in plain torch"
+        return (
+            f"state_format={fmt.name!r} is float32 arithmetic: float64 parameters run it in "
+            "plain torch"
+        )
     if not p.is_contiguous():
         return "the CPU kernel takes contiguous parameters"
     if g.dtype != p.dtype or g.shape != p.shape:

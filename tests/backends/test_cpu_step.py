@@ -259,9 +259,11 @@ def test_opcheck_grouped_moments_and_corrections():
         for i, key in enumerate(("exp_avg", "exp_avg_sq", "max_exp_avg_sq")):
             scales[i].append(st[f"{key}_scale"])
         steps.append(torch.tensor(2.0))
-        rhos.append(torch.randint(-9, 9, shape, generator=gen).to(master_weights.OPTIONS["int16"][0]))
+        rho = torch.randint(-9, 9, shape, generator=gen)
+        rhos.append(rho.to(master_weights.OPTIONS["int16"][0]))
     args = (params, grads, ms, vs, vmaxs, steps, [2, 0], 0.0, torch.tensor(1e-2), 0.9, 0.999,
-            1e-8, 0.1, True, True, True, 0.25, 2.0, formats, *scales, [True, True], rhos)  # fmt: skip
+            1e-8, 0.1, True, True, True, 0.25, 2.0, formats, *scales, [True, True],
+            rhos)  # fmt: skip
     torch.library.opcheck(
         torch.ops.foam.cpu_step_.default,
         args,

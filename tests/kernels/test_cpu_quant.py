@@ -73,7 +73,8 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
 
 def cpu_step(params, grads, states, hp: Hyper) -> None:
     for p, g, st in zip(params, grads, states):
-        chosen = backends.select(p, g, st["foam_level"], get_format(st.get("foam_format", "fp32")), hp)
+        fmt = get_format(st.get("foam_format", "fp32"))
+        chosen = backends.select(p, g, st["foam_level"], fmt, hp)
         assert chosen is cpu_backend, "the C++ kernel must take this parameter"
     cpu_backend.step_(params, grads, states, hp)
 
@@ -109,8 +110,8 @@ def test_encoding_equals_the_codec_bit_for_bit(fmt):
     f = get_format(fmt)
     for shape, level in SHAPES:
         p = torch.randn(shape, generator=gen)
-        for t in range(3):  # nonzero old moments: betas 0 must ignore them
-            st = new_state(p, level, fmt, True) if t == 0 else st
+        st = new_state(p, level, fmt, True)
+        for t in range(3):  # nonzero old moments from t = 1: betas 0 must ignore them
             g = torch.randn(shape, generator=gen) * 10.0 ** (t - 1)
             g.view(-1)[:3] = 0.0  # zero groups' elements next to others
             lv = st["foam_level"]
@@ -146,8 +147,16 @@ def test_all_zero_and_non_finite_groups():
 # ----------------------------------------------------------------------- whole steps
 HYPERS = {
     "adamw": Hyper(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1),
-    "everything": Hyper(lr=3e-2, beta1=0.8, beta2=0.95, weight_decay=0.05, amsgrad=True,
-                        maximize=True, scale=0.25, res_scale=2.0),  # fmt: skip
+    "everything": Hyper(
+        lr=3e-2,
+        beta1=0.8,
+        beta2=0.95,
+        weight_decay=0.05,
+        amsgrad=True,
+        maximize=True,
+        scale=0.25,
+        res_scale=2.0,
+    ),  # fmt: skip
 }
 # (rows, blocks per row, level): 37 blocks = a whole group and a short odd one; level 5 is B > W
 STEP_SHAPES = [((3, 70), 0), ((2, 37 * 4), 2), ((3, 37 * 8), 3), ((2, 37 * 32), 5), ((67,), 2)]
@@ -245,7 +254,8 @@ def test_corrections_equal_join_float32_step_split(fmt, dtype, width, option):
     hp32 = Hyper(**{**hp.__dict__, "master_weights": None})
     for t in range(3):
         grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
-        thetas = [master_weights.join(p, st[master_weights.RHO_KEY]) for p, st in zip(params, states)]
+        rhos = [st[master_weights.RHO_KEY] for st in states]
+        thetas = [master_weights.join(p, rho) for p, rho in zip(params, rhos)]
         cpu_step(params, grads, states, hp)
         cpu_step(thetas, [g.float() for g in grads], ref_states, hp32)
         for i, (p, st) in enumerate(zip(params, states)):

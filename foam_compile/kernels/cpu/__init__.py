@@ -2,9 +2,10 @@
 
 :func:`foam_cpu_step_` steps a list of parameters in one call of the C kernel: it checks the
 tensors, writes one 20-integer descriptor per parameter (addresses, ``[rows, n]``, the
-gradient's row stride, level, dtype, the moments' format and scales, the correction bits) and calls ``foam_cpu_step`` through ``ctypes``. The kernel
-is built on first use (:mod:`.build`: once per machine, cached on disk) and loaded once per
-process. Pure kernel code: imports nothing from the rest of foam_compile.
+gradient's row stride, level, dtype, the moments' format and scales, the correction bits) and
+calls ``foam_cpu_step`` through ``ctypes``. The kernel is built on first use (:mod:`.build`:
+once per machine, cached on disk) and loaded once per process. Pure kernel code: imports
+nothing from the rest of foam_compile.
 
 Why ``ctypes`` and a C ABI rather than ``torch.utils.cpp_extension``: the source includes no
 torch header, so it compiles in seconds with nothing but a C++ compiler (no ninja, no pybind11,
