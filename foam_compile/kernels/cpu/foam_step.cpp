@@ -272,187 +272,6 @@ struct PlainState {
   void commit(int64_t, int64_t, int64_t, const T*) const {}
 };
 
-// ------------------------------------------------------------------ quantized moment storage
-// formats/int8.py and int4.py: per row of the folded moment, groups of G = 32 blocks, each with a
-// float32 absmax scale and 8-bit codes (int8 signed / uint8 square) or 4-bit codes packed two a
-// byte (element 2j low nibble; signed nibbles hold q + 8; an odd row ends in the zero code).
-constexpr int GROUP = 32;
-
-// codec.hash32 (Chris Wellons' hash-prospector constants, as the codec cites).
-inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  return x ^ (x >> 15);
-}
-
-// Decoded values of every code (codec.decode_signed's t = y / (2 - |y|), y = q / L, and
-// decode_square's q / L), computed once in float32 exactly as the codec computes them; a decode
-// is then one table read and one multiply (times the scale; squared for squares).
-struct Tables {
-  float signed8[256];  // index q + 128, q in [-128, 127] (an int8 holds any of them)
-  float square8[256];  // index q
-  float signed4[16];   // index nibble = q + 8
-  float square4[16];   // index nibble = q
-};
-
-inline float signed_t(float q, float levels) {
-  const float y = q / levels;
-  return y / (2.0f - std::fabs(y));
-}
-
-Tables make_tables() {
-  Tables t;
-  for (int i = 0; i < 256; ++i) {
-    t.signed8[i] = signed_t(float(i - 128), 127.0f);
-    t.square8[i] = float(i) / 255.0f;
-  }
-  for (int i = 0; i < 16; ++i) {
-    t.signed4[i] = signed_t(float(i - 8), 7.0f);
-    t.square4[i] = float(i) / 15.0f;
-  }
-  return t;
-}
-const Tables TABLES = make_tables();
-
-template <int BITS, bool SIGNED>
-struct Code {
-  static constexpr int L = SIGNED ? (BITS == 8 ? 127 : 7) : (BITS == 8 ? 255 : 15);
-  static constexpr int ZERO = (BITS == 4 && SIGNED) ? 8 : 0;  // stored code of 0 (nibble)
-  // decoded value (before the scale) of a stored code: 8-bit codes are the code, 4-bit nibbles
-  static float table(int stored) {
-    if constexpr (BITS == 8) {
-      return SIGNED ? TABLES.signed8[uint8_t(int8_t(stored)) ^ 0x80] : TABLES.square8[stored];
-    } else {
-      return SIGNED ? TABLES.signed4[stored] : TABLES.square4[stored];
-    }
-  }
-  // decoded value (before the scale) of code q in [-L, L] / [0, L]
-  static float at(int q) {
-    if constexpr (BITS == 8) {
-      return SIGNED ? TABLES.signed8[q + 128] : TABLES.square8[q];
-    } else {
-      return SIGNED ? TABLES.signed4[q + 8] : TABLES.square4[q];
-    }
-  }
-};
-
-// codec.encode_signed / encode_square of one group: x[0..count) (the rest read as 0, which
-// raises no absmax) -> codes q[0..GROUP) in [-L, L] / [0, L], returns the scale. `rand`: the
-// stochastic rounding's numbers (nullptr: nearest). Every line is one float32 operation of the
-// codec's, in its order (-ffp-contract=off: no fused multiply-add).
-template <int BITS, bool SIGNED>
-float encode_group(const float* x, int count, int32_t* q, const float* rand) {
-  using C = Code<BITS, SIGNED>;
-  constexpr float L = float(C::L);
-  float base[GROUP], a[GROUP];
-  for (int j = 0; j < GROUP; ++j) {
-    const float xj = j < count ? x[j] : 0.0f;
-    a[j] = xj;
-    // square: sqrt(clamp_min(x, 0)), NaN kept (a NaN moment must decode to NaN)
-    base[j] = SIGNED ? std::fabs(xj) : __builtin_sqrtf(xj < 0.0f ? 0.0f : xj);
-  }
-  float s = 0.0f;
-  int nan = 0;
-  for (int j = 0; j < GROUP; ++j) {
-    s = base[j] > s ? base[j] : s;
-    nan |= base[j] != base[j];
-  }
-  if (nan) s = __builtin_nanf("");  // torch.amax propagates NaN
-  const float inv = s > 0.0f ? 1.0f / s : 0.0f;
-  for (int j = 0; j < GROUP; ++j) {
-    float t, z;
-    if constexpr (SIGNED) {
-      t = a[j] * inv;
-      const float y = (t + t) / (1.0f + std::fabs(t));
-      z = y * L;
-    } else {
-      t = base[j] * inv;
-      z = t * L;
-    }
-    float r;
-    if (!rand) {
-      r = __builtin_rintf(z);  // round half to even (the default rounding mode)
-    } else if (z != z) {
-      r = z;
-    } else {
-      float q0 = std::floor(z);
-      q0 = q0 < (SIGNED ? -L : 0.0f) ? (SIGNED ? -L : 0.0f) : q0;
-      q0 = q0 > L - 1.0f ? L - 1.0f : q0;
-      float p;
-      if constexpr (SIGNED) {
-        const float a0 = C::at(int(q0)), a1 = C::at(int(q0) + 1);
-        p = (t - a0) / (a1 - a0);
-      } else {
-        const float a0 = C::at(int(q0)), a1 = C::at(int(q0) + 1);
-        p = (t * t - a0 * a0) / (a1 * a1 - a0 * a0);
-      }
-      r = rand[j] < p ? q0 + 1.0f : q0;
-    }
-    int32_t qi = r == r ? int32_t(r) : 0;  // NaN (a non-finite group): its scale decodes NaN
-    if constexpr (!SIGNED) {
-      if (qi == 0 && base[j] > 0.0f) qi = 1;  // a positive v never decodes to 0
-    }
-    q[j] = qi;
-  }
-  return s;
-}
-
-// codec.uniform for elements [idx, idx + GROUP) of a moment: (hash32(i + seed) >> 8) * 2**-24.
-inline void uniform(uint32_t seed, int64_t idx, float* out) {
-  for (int j = 0; j < GROUP; ++j) {
-    out[j] = float(hash32(uint32_t(idx + j) + seed) >> 8) * 0x1p-24f;
-  }
-}
-
-template <int BITS, bool SIGNED>
-struct QuantState {
-  using C = Code<BITS, SIGNED>;
-  static constexpr int64_t TILE = GROUP;  // one group per open/commit
-  static constexpr int64_t SCRATCH = GROUP;
-  uint8_t* codes;
-  float* scales;
-  int64_t nb, ng, row_bytes;  // blocks, groups and code bytes per row
-  uint32_t seed;              // stochastic rounding: hash32(4 * step + salt)
-  bool stochastic;
-
-  // b0 is a multiple of GROUP (or 0): the group b0 / GROUP of `row`, count <= GROUP blocks.
-  float* open(int64_t row, int64_t b0, int64_t count, float* scratch) const {
-    const float s = scales[row * ng + b0 / GROUP];
-    const uint8_t* c = codes + row * row_bytes;
-    for (int64_t j = 0; j < count; ++j) {
-      int stored;
-      if constexpr (BITS == 8) {
-        stored = c[b0 + j];
-      } else {
-        const uint8_t byte = c[(b0 + j) >> 1];
-        stored = ((b0 + j) & 1) ? byte >> 4 : byte & 15;
-      }
-      const float u = C::table(stored) * s;
-      scratch[j] = SIGNED ? u : u * u;
-    }
-    return scratch;
-  }
-
-  void commit(int64_t row, int64_t b0, int64_t count, const float* x) const {
-    int32_t q[GROUP];
-    float rand[GROUP];
-    if (stochastic) uniform(seed, row * nb + b0, rand);
-    scales[row * ng + b0 / GROUP] =
-        encode_group<BITS, SIGNED>(x, int(count), q, stochastic ? rand : nullptr);
-    uint8_t* c = codes + row * row_bytes;
-    if constexpr (BITS == 8) {
-      for (int64_t j = 0; j < count; ++j) c[b0 + j] = uint8_t(q[j]);
-    } else {
-      for (int64_t j = 0; j < count; j += 2) {
-        const int lo = q[j] + C::ZERO, hi = j + 1 < count ? q[j + 1] + C::ZERO : C::ZERO;
-        c[(b0 + j) >> 1] = uint8_t(lo | (hi << 4));
-      }
-    }
-  }
-};
-
 // ----------------------------------------------------------------------------------- shuffles
 template <int S, class V, std::size_t... I>
 inline V swap_lanes(V x, std::index_sequence<I...>) {
@@ -532,6 +351,216 @@ inline Vec<float>::type vsqrt(Vec<float>::type x) {
   for (int i = 0; i < Vec<float>::W; ++i) r[i] = __builtin_sqrtf(x[i]);
   return r;
 }
+
+// ------------------------------------------------------------------ quantized moment storage
+// formats/int8.py and int4.py: per row of the folded moment, groups of G = 32 blocks, each with a
+// float32 absmax scale and 8-bit codes (int8 signed / uint8 square) or 4-bit codes packed two a
+// byte (element 2j low nibble; signed nibbles hold q + 8; an odd row ends in the zero code). A
+// group is GROUP / W float vectors; every line below is one float32 operation of codec.py's, in
+// its order (-ffp-contract=off: no fused multiply-add), lane by lane.
+constexpr int GROUP = 32;
+using VF = Vec<float>::type;
+constexpr int WF = Vec<float>::W;
+constexpr int NV = GROUP / WF;  // vectors per group
+typedef uint8_t vu8 __attribute__((vector_size(WF)));
+typedef int8_t vi8 __attribute__((vector_size(WF)));
+typedef uint8_t vgroup8 __attribute__((vector_size(GROUP)));
+typedef uint8_t vhalf8 __attribute__((vector_size(GROUP / 2)));
+
+// codec.hash32 (Chris Wellons' hash-prospector constants, as the codec cites), lane-wise.
+inline vu32 hash32(vu32 x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+
+inline VF vabs(VF x) {
+  vu32 u;
+  std::memcpy(&u, &x, sizeof u);
+  u &= 0x7fffffffu;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+inline VF vrint(VF x) {  // round half to even (the default rounding mode), as torch.round
+  for (int i = 0; i < WF; ++i) x[i] = __builtin_rintf(x[i]);
+  return x;
+}
+inline VF vfloor(VF x) {
+  for (int i = 0; i < WF; ++i) x[i] = __builtin_floorf(x[i]);
+  return x;
+}
+inline vi32 iota() {
+  vi32 r;
+  for (int i = 0; i < WF; ++i) r[i] = i;
+  return r;
+}
+
+template <int BITS, bool SIGNED>
+struct Code {
+  static constexpr int L = SIGNED ? (BITS == 8 ? 127 : 7) : (BITS == 8 ? 255 : 15);
+  static constexpr int ZERO = (BITS == 4 && SIGNED) ? 8 : 0;  // stored code of 0 (nibble)
+  // The decoded value before the scale of (float) codes q: codec._signed_t (y = q / L,
+  // t = y / (2 - |y|)) or the square's q / L.
+  static VF unit(VF q) {
+    const VF y = q / float(L);
+    if constexpr (SIGNED) {
+      return y / (2.0f - vabs(y));
+    } else {
+      return y;
+    }
+  }
+  // Stored codes of a group (its first byte at c) -> float codes q, NV vectors. `count` < GROUP
+  // (a row's last group) reads through a zero-padded copy, never past the row.
+  static void load(const uint8_t* c, int64_t count, VF* q) {
+    uint8_t bytes[GROUP] = {};
+    const int64_t nbytes = BITS == 8 ? count : (count + 1) / 2;
+    std::memcpy(bytes, c, nbytes);
+    uint8_t codes[GROUP];
+    if constexpr (BITS == 8) {
+      std::memcpy(codes, bytes, GROUP);
+    } else {  // nibbles: element 2j the low one of byte j
+      const vhalf8 b = load_raw<vhalf8>(bytes);
+      const vhalf8 lo = b & 15, hi = b >> 4;
+      const vgroup8 all = __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
+                                                  21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
+                                                  12, 28, 13, 29, 14, 30, 15, 31);
+      store_raw(codes, all);
+    }
+    for (int k = 0; k < NV; ++k) {
+      if constexpr (BITS == 8 && SIGNED) {
+        q[k] = __builtin_convertvector(load_raw<vi8>(codes + k * WF), VF);
+      } else {
+        q[k] = __builtin_convertvector(load_raw<vu8>(codes + k * WF), VF) - float(ZERO);
+      }
+    }
+  }
+  // Integer codes of NV vectors (lanes past `count` hold 0) -> the stored bytes at c.
+  static void store(uint8_t* c, int64_t count, const vi32* q) {
+    uint8_t codes[GROUP];
+    for (int k = 0; k < NV; ++k) {
+      store_raw(codes + k * WF, __builtin_convertvector(q[k] + ZERO, vu8));
+    }
+    if constexpr (BITS == 8) {
+      std::memcpy(c, codes, count);
+    } else {
+      const vgroup8 all = load_raw<vgroup8>(codes);
+      const vhalf8 even = __builtin_shufflevector(all, all, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
+                                                  20, 22, 24, 26, 28, 30);
+      const vhalf8 odd = __builtin_shufflevector(all, all, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21,
+                                                 23, 25, 27, 29, 31);
+      uint8_t packed[GROUP / 2];
+      store_raw(packed, even | (odd << 4));
+      std::memcpy(c, packed, (count + 1) / 2);
+    }
+  }
+};
+
+// codec.encode_signed / encode_square of one group: x[0..count) (lanes past it read as 0, which
+// raises no absmax and codes to 0) -> integer codes q (NV vectors), returns the scale.
+// Stochastic rounding (`seed`, with `idx` the group's first flat index in the moment) draws
+// codec.uniform's numbers: (hash32(idx + j + seed) >> 8) * 2**-24.
+template <int BITS, bool SIGNED>
+float encode_group(const float* x, int64_t count, vi32* q, bool stochastic, uint32_t seed,
+                   int64_t idx) {
+  using C = Code<BITS, SIGNED>;
+  constexpr float L = float(C::L);
+  VF a[NV], base[NV];
+  VF smax = splat<VF>(0.0f);
+  vi32 nan = splat<vi32>(0);
+  for (int k = 0; k < NV; ++k) {
+    VF xv = load_raw<VF>(x + k * WF);
+    xv = iota() + k * WF < int32_t(count) ? xv : splat<VF>(0.0f);
+    a[k] = xv;
+    // square: sqrt(clamp_min(x, 0)), NaN kept (a NaN moment must decode to NaN)
+    base[k] = SIGNED ? vabs(xv) : vsqrt(xv < 0.0f ? splat<VF>(0.0f) : xv);
+    smax = base[k] > smax ? base[k] : smax;
+    nan |= base[k] != base[k];
+  }
+  float s = 0.0f;
+  bool any_nan = false;
+  for (int i = 0; i < WF; ++i) {
+    s = smax[i] > s ? smax[i] : s;
+    any_nan |= nan[i] != 0;
+  }
+  if (any_nan) s = __builtin_nanf("");  // torch.amax propagates NaN
+  const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+  for (int k = 0; k < NV; ++k) {
+    VF t, z;
+    if constexpr (SIGNED) {
+      t = a[k] * inv;
+      const VF y = (t + t) / (1.0f + vabs(t));
+      z = y * L;
+    } else {
+      t = base[k] * inv;
+      z = t * L;
+    }
+    VF r;
+    if (!stochastic) {
+      r = vrint(z);
+    } else {
+      VF q0 = vfloor(z);  // NaN stays NaN through the clamps, and codes to 0 below
+      q0 = q0 < (SIGNED ? -L : 0.0f) ? splat<VF>(SIGNED ? -L : 0.0f) : q0;
+      q0 = q0 > L - 1.0f ? splat<VF>(L - 1.0f) : q0;
+      const VF a0 = C::unit(q0), a1 = C::unit(q0 + 1.0f);
+      VF p;
+      if constexpr (SIGNED) {
+        p = (t - a0) / (a1 - a0);
+      } else {
+        p = (t * t - a0 * a0) / (a1 * a1 - a0 * a0);
+      }
+      vu32 i = (vu32)(iota() + k * WF) + uint32_t(idx) + seed;
+      const VF rand = __builtin_convertvector(hash32(i) >> 8, VF) * 0x1p-24f;
+      r = rand < p ? q0 + 1.0f : q0;
+    }
+    r = r == r ? r : splat<VF>(0.0f);  // NaN (a non-finite group): its scale decodes NaN
+    vi32 qi = __builtin_convertvector(r, vi32);
+    if constexpr (!SIGNED) {  // a positive v never decodes to 0
+      qi = (qi == 0) & (base[k] > 0.0f) ? splat<vi32>(1) : qi;
+    }
+    q[k] = qi;
+  }
+  return s;
+}
+
+template <int BITS, bool SIGNED>
+struct QuantState {
+  using C = Code<BITS, SIGNED>;
+  static constexpr int64_t TILE = GROUP;  // one group per open/commit
+  static constexpr int64_t SCRATCH = GROUP;
+  uint8_t* codes;
+  float* scales;
+  int64_t nb, ng, row_bytes;  // blocks, groups and code bytes per row
+  uint32_t seed;              // stochastic rounding: hash32(4 * step + salt)
+  bool stochastic;
+
+  // b0 is a multiple of GROUP: the group b0 / GROUP of `row`, count <= GROUP blocks.
+  float* open(int64_t row, int64_t b0, int64_t count, float* scratch) const {
+    const float s = scales[row * ng + b0 / GROUP];
+    VF q[NV];
+    C::load(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, q);
+    for (int k = 0; k < NV; ++k) {
+      const VF u = C::unit(q[k]) * s;
+      store_raw(scratch + k * WF, SIGNED ? u : u * u);
+    }
+    return scratch;
+  }
+
+  void commit(int64_t row, int64_t b0, int64_t count, const float* x) const {
+    vi32 q[NV];
+    scales[row * ng + b0 / GROUP] =
+        encode_group<BITS, SIGNED>(x, count, q, stochastic, seed, row * nb + b0);
+    C::store(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, q);
+  }
+};
 
 // ------------------------------------------------------------------------------- descriptors
 // One parameter, as Python's launcher writes it: 20 int64 per parameter.
