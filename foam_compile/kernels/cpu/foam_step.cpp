@@ -41,6 +41,7 @@
 
 #define FOAM_CPU_ABI 3
 #define FOAM_API __attribute__((visibility("default")))
+#define FOAM_INLINE inline __attribute__((always_inline))
 
 namespace {
 
@@ -420,10 +421,14 @@ struct Code {
   }
   // Stored codes of a group (its first byte at c) -> float codes q, NV vectors. `count` < GROUP
   // (a row's last group) reads through a zero-padded copy, never past the row.
-  static void load(const uint8_t* c, int64_t count, VF* q) {
+  FOAM_INLINE static void load(const uint8_t* c, int64_t count, VF* q) {
     uint8_t bytes[GROUP] = {};
-    const int64_t nbytes = BITS == 8 ? count : (count + 1) / 2;
-    std::memcpy(bytes, c, nbytes);
+    constexpr int64_t FULL = BITS == 8 ? GROUP : GROUP / 2;
+    if (count == GROUP) {  // a whole group: one fixed-size copy (a vector load)
+      std::memcpy(bytes, c, FULL);
+    } else {
+      std::memcpy(bytes, c, BITS == 8 ? count : (count + 1) / 2);
+    }
     uint8_t codes[GROUP];
     if constexpr (BITS == 8) {
       std::memcpy(codes, bytes, GROUP);
@@ -444,13 +449,13 @@ struct Code {
     }
   }
   // Integer codes of NV vectors (lanes past `count` hold 0) -> the stored bytes at c.
-  static void store(uint8_t* c, int64_t count, const vi32* q) {
+  FOAM_INLINE static void store(uint8_t* c, int64_t count, const vi32* q) {
     uint8_t codes[GROUP];
     for (int k = 0; k < NV; ++k) {
       store_raw(codes + k * WF, __builtin_convertvector(q[k] + ZERO, vu8));
     }
     if constexpr (BITS == 8) {
-      std::memcpy(c, codes, count);
+      std::memcpy(c, codes, count == GROUP ? GROUP : count);
     } else {
       const vgroup8 all = load_raw<vgroup8>(codes);
       const vhalf8 even = __builtin_shufflevector(all, all, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
@@ -459,7 +464,7 @@ struct Code {
                                                  23, 25, 27, 29, 31);
       uint8_t packed[GROUP / 2];
       store_raw(packed, even | (odd << 4));
-      std::memcpy(c, packed, (count + 1) / 2);
+      std::memcpy(c, packed, count == GROUP ? GROUP / 2 : (count + 1) / 2);
     }
   }
 };
@@ -469,7 +474,7 @@ struct Code {
 // Stochastic rounding (`seed`, with `idx` the group's first flat index in the moment) draws
 // codec.uniform's numbers: (hash32(idx + j + seed) >> 8) * 2**-24.
 template <int BITS, bool SIGNED>
-float encode_group(const float* x, int64_t count, vi32* q, bool stochastic, uint32_t seed,
+FOAM_INLINE float encode_group(const float* x, int64_t count, vi32* q, bool stochastic, uint32_t seed,
                    int64_t idx) {
   using C = Code<BITS, SIGNED>;
   constexpr float L = float(C::L);
@@ -543,7 +548,7 @@ struct QuantState {
   bool stochastic;
 
   // b0 is a multiple of GROUP: the group b0 / GROUP of `row`, count <= GROUP blocks.
-  float* open(int64_t row, int64_t b0, int64_t count, float* scratch) const {
+  FOAM_INLINE float* open(int64_t row, int64_t b0, int64_t count, float* scratch) const {
     const float s = scales[row * ng + b0 / GROUP];
     VF q[NV];
     C::load(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, q);
@@ -554,7 +559,7 @@ struct QuantState {
     return scratch;
   }
 
-  void commit(int64_t row, int64_t b0, int64_t count, const float* x) const {
+  FOAM_INLINE void commit(int64_t row, int64_t b0, int64_t count, const float* x) const {
     vi32 q[NV];
     scales[row * ng + b0 / GROUP] =
         encode_group<BITS, SIGNED>(x, count, q, stochastic, seed, row * nb + b0);
