@@ -12,7 +12,10 @@ Implementations, each stepping the same parameters and gradients (shared between
 memory; the values drift but stay finite, timing is all that is measured):
 
 * ``FOAM compiled``: ``torch.compile(FOAM(..., lr=tensor).step)``. On CUDA, FOAM's step calls the
-  Triton kernel; on CPU it is Inductor's C++ code for ``foam_compile.functional``.
+  Triton kernel; on CPU the C++ step kernel (``foam::cpu_step_``).
+* ``FOAM int8 compiled``, ``FOAM int4 compiled``: the same with every moment in the grouped
+  ``int8`` / ``int4`` state format (``foam_compile/formats``), which the CPU kernel decodes and
+  encodes in its one pass (``--state-format`` picks the format of ``FOAM compiled`` instead).
 * ``AdamW foreach``, ``AdamW fused``: eager ``torch.optim.AdamW(foreach=True / fused=True)``.
 * ``AdamW compiled``: ``torch.compile(AdamW(..., lr=tensor).step)``.
 * ``DeepSpeedCPUAdam`` (CPU, when ``deepspeed`` is importable; run with ``DS_ACCELERATOR=cpu``):
@@ -32,6 +35,8 @@ CUDA the table adds the growth of ``torch.cuda.max_memory_allocated`` during one
     python benchmarks/step_bench.py                       # CPU: 60m, float32 and bfloat16
     python benchmarks/step_bench.py --size 60m 350m --dtype float32 --reps 20 --threads 1
     python benchmarks/step_bench.py --device cuda --size 60m 350m 1b --out table.md
+    python benchmarks/step_bench.py --dtype float32 --case block \
+        --impl "FOAM compiled" "FOAM int8 compiled" "FOAM int4 compiled"
 """
 
 from __future__ import annotations
@@ -64,7 +69,21 @@ CONFIGS = {
     "1b": dict(hidden=2048, inter=5461, layers=24, heads=32, vocab=32000),
 }
 LEVEL = 2  # the paper's fold level for block weights
-IMPLS = ("FOAM compiled", "AdamW foreach", "AdamW fused", "AdamW compiled", "DeepSpeedCPUAdam")
+IMPLS = (
+    "FOAM compiled",
+    "FOAM int8 compiled",
+    "FOAM int4 compiled",
+    "AdamW foreach",
+    "AdamW fused",
+    "AdamW compiled",
+    "DeepSpeedCPUAdam",
+)
+
+
+def foam_format(impl: str, default: str = "fp32") -> str:
+    """The state format of a FOAM row: ``FOAM int8 compiled`` -> ``int8``."""
+    words = impl.split()
+    return words[1] if len(words) == 3 else default
 
 
 def deepspeed_adam():
@@ -113,17 +132,21 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
     return 2 * nbytes / statistics.median(times[2:]) / 1e9
 
 
-def make_steppers(params, block_mask, device, impls):
+def make_steppers(params, block_mask, device, impls, state_format="fp32"):
     """``{impl: step function}`` over the shared ``params`` (grads already set)."""
     lr = torch.tensor(1e-3, device=device)
     steppers = {}
     for impl in impls:
-        if impl == "FOAM compiled":
+        if impl.startswith("FOAM"):
             groups = [
                 {"params": [p for p, b in zip(params, block_mask) if b], "level": LEVEL},
                 {"params": [p for p, b in zip(params, block_mask) if not b], "level": 0},
             ]
             opt = FOAM([g for g in groups if g["params"]], lr=lr, weight_decay=0.01)
+            fmt = foam_format(impl, state_format)
+            if fmt != "fp32":
+                for p in params:
+                    opt._set_layout(p, state_format=fmt)  # internal until it is an option
             steppers[impl] = (opt, torch.compile(opt.step))
         elif impl == "AdamW compiled":
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -138,11 +161,13 @@ def make_steppers(params, block_mask, device, impls):
     return steppers
 
 
-def bytes_per_step(params, block_mask, impl: str) -> int:
+def bytes_per_step(params, block_mask, impl: str, state_format: str = "fp32") -> int:
     total = 0
     for p, b in zip(params, block_mask):
         if impl.startswith("FOAM"):
-            total += cost(p.shape, LEVEL if b else 0, param_dtype=p.dtype).step_bytes
+            fmt = foam_format(impl, state_format)
+            level = LEVEL if b else 0
+            total += cost(p.shape, level, param_dtype=p.dtype, state_format=fmt).step_bytes
         else:  # torch keeps AdamW's moments in the parameter dtype, DeepSpeed in float32
             state = torch.float32 if impl == "DeepSpeedCPUAdam" else p.dtype
             total += cost(p.shape, 0, param_dtype=p.dtype, state_dtype=state).adamw_step_bytes
@@ -164,7 +189,7 @@ def run_case(size, case, dtype, device, args, copy_gbs, rows) -> None:
     impls = [i for i in IMPLS if i in args.impl]
     if "DeepSpeedCPUAdam" in impls and (device.type != "cpu" or deepspeed_adam() is None):
         impls.remove("DeepSpeedCPUAdam")
-    steppers = make_steppers(params, block_mask, device, impls)
+    steppers = make_steppers(params, block_mask, device, impls, args.state_format)
 
     compile_s, mem_growth = {}, {}
     for impl, (_, step) in steppers.items():  # first steps: state creation and compilation
@@ -198,9 +223,9 @@ def run_case(size, case, dtype, device, args, copy_gbs, rows) -> None:
     foam_ms = statistics.median(times["FOAM compiled"]) if "FOAM compiled" in times else None
     for impl in steppers:
         med, best = statistics.median(times[impl]), min(times[impl])
-        nbytes = bytes_per_step(params, block_mask, impl)
+        nbytes = bytes_per_step(params, block_mask, impl, args.state_format)
         gbs = nbytes / med / 1e6
-        ratio = foam_ms / med if foam_ms is not None and not impl.startswith("FOAM") else None
+        ratio = foam_ms / med if foam_ms is not None and impl != "FOAM compiled" else None
         rows.append(
             dict(
                 size=size,
@@ -313,6 +338,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--case", nargs="+", choices=("paper", "block"), default=("paper", "block"))
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=IMPLS)
+    parser.add_argument(
+        "--state-format",
+        default="fp32",
+        help="state format of the 'FOAM compiled' row (fp32, int8, int4, int8-sr, int4-sr)",
+    )
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     parser.add_argument("--copy-mb", type=int, default=512, help="size of the copy_ probe")

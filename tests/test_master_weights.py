@@ -450,7 +450,7 @@ def test_fast_paths_decline_corrections(caplog):
         assert backends.select(p, p, 2, fmt, Hyper(lr=1e-3)) is fake
         with caplog.at_level(logging.INFO, logger="foam_compile"):
             chosen = backends.select(p, p, 2, fmt, Hyper(lr=1e-3, master_weights="int8"))
-        assert chosen.__name__ == "foam_compile.backends.plain_torch"
+        assert chosen is not fake and chosen.MASTER_WEIGHTS  # plain torch, or the CPU kernel
         assert "does not read correction bits" in caplog.text
         # float32 parameters carry no correction: the fast path keeps them
         assert backends.select(p.float(), p, 2, fmt, Hyper(lr=1e-3, master_weights="int8")) is fake
@@ -458,10 +458,15 @@ def test_fast_paths_decline_corrections(caplog):
         backends._REGISTRY[:] = saved
         backends._MODULES.pop("fake", None)
         sys.modules.pop(fake.__name__, None)
-    # the C++ fast path has not opted in; the Triton one has (tests/kernels/test_master_kernel.py)
-    entry = next(b for b in backends._REGISTRY if b.name == "cpu")
-    module = backends._load(entry)
-    assert module is None or not getattr(module, "MASTER_WEIGHTS", False)
+    # both fast paths have opted in: the Triton one (tests/kernels/test_master_kernel.py) and the
+    # CPU kernel (tests/kernels/test_cpu_quant.py), which takes a bf16 parameter with corrections
+    for name in ("triton", "cpu"):
+        module = backends._load(next(b for b in backends._REGISTRY if b.name == name))
+        assert module is None or getattr(module, "MASTER_WEIGHTS", False) is True, name
+    p = torch.randn(8, 8).to(torch.bfloat16)
+    fmt = foam_compile.state.get_format("fp32")
+    chosen = backends.select(p, p, 2, fmt, Hyper(lr=1e-3, master_weights="int8"))
+    assert chosen.__name__ == "foam_compile.backends.cpu"
 
 
 def test_compiled_step_equals_eager(fresh_dynamo):

@@ -6,10 +6,15 @@ per-shape code generation for it. The op is opaque: its schema marks exactly wha
 writes (the parameters and the moments), it has a fake implementation, and Inductor calls it as
 an extern kernel and keeps the writes in place.
 
-It takes every CPU parameter in the ``fp32`` state format with a float32, bfloat16, float16 (on
-CPUs with F16C) or float64 dtype, at any level, with every option of the reference. Inside the
-op, a parameter whose tensors the kernel cannot read (a non-contiguous moment, say) runs the
-plain-torch update instead; gradients with unit last stride are read in place, others copied.
+It takes every CPU parameter with a float32, bfloat16, float16 (on CPUs with F16C) or float64
+dtype, at any level, with every option of the reference, in the ``fp32`` state format and (not
+float64) in the grouped formats ``int8``/``int4`` and their stochastic ``-sr`` variants: the
+kernel decodes a group of 32 blocks, updates it and encodes it back with the codec's float32
+arithmetic (:mod:`foam_compile.formats.codec`). bfloat16/float16 parameters with correction
+bits (``master_weights``) are stepped as their float32 weights in the same pass
+(:mod:`foam_compile.master_weights`'s codec). Inside the op, a parameter whose tensors the
+kernel cannot read (a non-contiguous moment, say) runs the plain-torch update instead;
+gradients with unit last stride are read in place, others copied.
 """
 
 # ruff: noqa: UP045 - the op's signature mirrors its schema (Optional[Tensor]).
@@ -19,13 +24,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import master_weights
+from ..formats.grouped import GroupedFormat
 from ..hyper import Hyper
 from ..kernels import cpu as kernel
 from ..reference import effective_level
-from ..state import StateFormat
-from ..update import foam_update_
+from ..state import StateFormat, format_of, get_format
+from ..update import foam_update_, moments_of
 
-__all__ = ["DTYPES", "INCREMENTS_STEPS", "cpu_step_", "step_", "supports"]
+__all__ = ["DTYPES", "INCREMENTS_STEPS", "MASTER_WEIGHTS", "cpu_step_", "step_", "supports"]
+
+#: The kernel reads and writes bfloat16/float16 weights' correction bits (``backends.select``).
+MASTER_WEIGHTS = True
 
 try:  # build (once per machine) or load now: the registry imports this module outside traces
     # The dtypes this CPU's build takes, as a constant that a traced supports() can read.
@@ -34,11 +44,27 @@ except (OSError, RuntimeError) as exc:  # no compiler, a failed build: plain tor
     raise ImportError(f"the CPU step kernel is unavailable: {exc}") from exc
 
 
+def _kernel_reads(fmt: StateFormat) -> bool:
+    """Whether the kernel reads moments stored in ``fmt``: float, or formats/int8.py and int4.py
+    exactly (the code levels and group size are compiled in)."""
+    if fmt.name == "fp32":
+        return True
+    if not isinstance(fmt, GroupedFormat) or fmt.bits not in kernel.GROUPED:
+        return False
+    levels = {8: {"signed": 127, "square": 255}, 4: {"signed": 7, "square": 15}}[fmt.bits]
+    return fmt.group == kernel.GROUPED[fmt.bits][0] and fmt.levels == levels
+
+
 def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> str | None:
-    if fmt.name != "fp32":
-        return f"the CPU kernel does not read state_format={fmt.name!r} yet"
+    if not _kernel_reads(fmt):
+        return f"the CPU kernel does not read state_format={fmt.name!r}"
     if p.dtype not in DTYPES:
         return f"the CPU kernel does not take {p.dtype} parameters on this CPU"
+    if fmt.name != "fp32" and p.dtype == torch.float64:
+        return (
+            f"state_format={fmt.name!r} is float32 arithmetic: float64 parameters run it in "
+            "plain torch"
+        )
     if not p.is_contiguous():
         return "the CPU kernel takes contiguous parameters"
     if g.dtype != p.dtype or g.shape != p.shape:
@@ -56,6 +82,9 @@ def step_(
 ) -> None:
     """The whole list in one op call (one kernel call, threads over all of its rows)."""
     lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
+    fmts = [st.get("foam_format", "fp32") for st in states]
+    grouped = [st for st, f in zip(states, fmts) if f != "fp32"]
+    corrected = [master_weights.RHO_KEY in st for st in states]
     torch.ops.foam.cpu_step_(
         list(params),
         list(grads),
@@ -75,6 +104,12 @@ def step_(
         hp.maximize,
         hp.scale,
         hp.res_scale,
+        fmts if grouped else [],
+        [st["exp_avg_scale"] for st in grouped],
+        [st["exp_avg_sq_scale"] for st in grouped],
+        [st["max_exp_avg_sq_scale"] for st in grouped] if hp.amsgrad else [],
+        corrected if any(corrected) else [],
+        [st[master_weights.RHO_KEY] for st, c in zip(states, corrected) if c],
     )
 
 
@@ -89,7 +124,9 @@ _LIB.define(
     "cpu_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] levels, "
     "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
-    "bool decoupled_weight_decay, bool amsgrad, bool maximize, float scale, float res_scale) -> ()"
+    "bool decoupled_weight_decay, bool amsgrad, bool maximize, float scale, float res_scale, "
+    "str[] formats, Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, "
+    "Tensor(h!)[] max_exp_avg_sq_scales, bool[] corrected, Tensor(i!)[] corrections) -> ()"
 )
 
 
@@ -112,11 +149,20 @@ def cpu_step_(
     maximize: bool,
     scale: float,
     res_scale: float,
+    formats: list[str],
+    exp_avg_scales: list[Tensor],
+    exp_avg_sq_scales: list[Tensor],
+    max_exp_avg_sq_scales: list[Tensor],
+    corrected: list[bool],
+    corrections: list[Tensor],
 ) -> None:
     """``foam::cpu_step_``: one FOAM step of ``params`` in place, step counts incremented first.
 
     ``max_exp_avg_sqs`` is empty without amsgrad; ``lr_tensor``, when given, is the learning
-    rate (read once per call) and ``lr`` is ignored. A parameter the kernel cannot read (see
+    rate (read once per call) and ``lr`` is ignored. ``formats``: each parameter's state format
+    name (empty: all ``fp32``); the ``*_scales`` lists hold the scales of the parameters not in
+    ``fp32``, in order. ``corrected``: whether each parameter has correction bits (empty: none);
+    ``corrections`` holds them, in order. A parameter the kernel cannot read (see
     :func:`foam_compile.kernels.cpu.describe`) runs the plain-torch update.
     """
     hyper = dict(
@@ -132,23 +178,59 @@ def cpu_step_(
         res_scale=res_scale,
     )
     descs, keep, slow = [], [], []
+    gi = ci = 0  # the next entries of the scale and correction lists
     for i, p in enumerate(params):
         vmax = max_exp_avg_sqs[i] if amsgrad else None
-        d = kernel.describe(p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, steps[i], levels[i])
+        fmt = get_format(formats[i]) if formats else None
+        extra = {}
+        if fmt is not None and fmt.name != "fp32":
+            vs = max_exp_avg_sq_scales[gi] if amsgrad else None
+            extra = dict(bits=fmt.bits, group=fmt.group, stochastic=fmt.stochastic,
+                         scales=(exp_avg_scales[gi], exp_avg_sq_scales[gi], vs))  # fmt: skip
+            gi += 1
+        if corrected and corrected[i]:
+            extra["corr"] = corrections[ci]
+            ci += 1
+        d = kernel.describe(
+            p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, steps[i], levels[i], **extra
+        )
         if isinstance(d, str) or not d[0]:  # the kernel cannot read it, or it is empty
-            slow.append(i)
+            slow.append((i, extra))
         else:
             descs += d[0]
             keep.append(d[1])  # a gradient copy, if one was needed, lives until the call
     kernel.run(descs, increment_steps=True, **hyper)
-    for i in slow:
+    for i, extra in slow:
         steps[i] += 1
-        hp = Hyper(level=levels[i], **hyper)
-        vmax = max_exp_avg_sqs[i] if amsgrad else None
-        foam_update_(
-            params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], vmax, steps[i], levels[i], hp
-        )
+        _plain_step(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, levels,
+                    formats, extra, Hyper(level=levels[i], **hyper))  # fmt: skip
     torch.autograd.graph.increment_version(params)
+
+
+def _plain_step(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, levels, formats,
+                extra, hp: Hyper) -> None:  # fmt: skip
+    """Parameter ``i`` by the plain-torch update, through its format and correction."""
+    amsgrad = hp.amsgrad
+    st = {"step": steps[i], "foam_level": levels[i], "exp_avg": exp_avgs[i],
+          "exp_avg_sq": exp_avg_sqs[i]}  # fmt: skip
+    if amsgrad:
+        st["max_exp_avg_sq"] = max_exp_avg_sqs[i]
+    if formats and formats[i] != "fp32":
+        st["foam_format"] = formats[i]
+        for key, sc in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), extra["scales"]):
+            if sc is not None:
+                st[f"{key}_scale"] = sc
+    fmt = format_of(st)
+    moments = moments_of(hp)
+    values = [fmt.decode(st, key, kind, params[i]) for key, kind in moments]
+    m, v, vmax = (*values, None)[:3]
+    rho = extra.get("corr")
+    theta = params[i] if rho is None else master_weights.join(params[i], rho)
+    foam_update_(theta, grads[i], m, v, vmax, steps[i], levels[i], hp)
+    if rho is not None:
+        master_weights.split_(theta, params[i], rho)
+    for (key, kind), value in zip(moments, values):
+        fmt.write_(st, key, kind, value)
 
 
 def _fake(*args) -> None:

@@ -21,7 +21,7 @@ from foam_compile import FOAM, backends
 from foam_compile.backends import cpu as cpu_backend
 from foam_compile.hyper import Hyper
 from foam_compile.kernels.cpu import build as kernel_build
-from foam_compile.reference import reference_step
+from foam_compile.reference import folded_shape, reference_step
 from foam_compile.state import StateFormat, get_format
 
 
@@ -44,7 +44,8 @@ def op_args(shapes_levels, dtype=torch.float32, amsgrad=True, gen=None):
         steps.append(torch.tensor(2.0))
         levels.append(level)
     return (params, grads, ms, vs, vmaxs if amsgrad else [], steps, levels, 0.0,
-            torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.1, True, amsgrad, True, 0.25, 2.0)  # fmt: skip
+            torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.1, True, amsgrad, True, 0.25, 2.0,
+            [], [], [], [], [], [])  # fmt: skip
 
 
 def clone_args(args):
@@ -69,7 +70,9 @@ def test_supports_says_why_not():
 
     hp = Hyper(lr=1e-3)
     p = torch.zeros(4, 8)
-    assert "state_format='int8'" in cpu_backend.supports(p, p, 2, Int8(), hp)
+    assert "state_format='int8'" in cpu_backend.supports(p, p, 2, Int8(), hp)  # not grouped
+    assert cpu_backend.supports(p, p, 2, get_format("int4-sr"), hp) is None
+    assert "float64" in cpu_backend.supports(p.double(), p.double(), 2, get_format("int8"), hp)
     assert "contiguous" in cpu_backend.supports(p.t(), p.t(), 2, get_format("fp32"), hp)
     assert "int32" in cpu_backend.supports(p.int(), p.int(), 2, get_format("fp32"), hp)
     assert cpu_backend.supports(p.double(), p.double(), 2, get_format("fp32"), hp) is None
@@ -78,7 +81,8 @@ def test_supports_says_why_not():
 def test_opcheck():
     """Schema (mutations declared exactly), fake tensor, AOT dispatch: torch's own op checks."""
     assert [a.name for a in torch.ops.foam.cpu_step_.default._schema.arguments if a.is_write] == [
-        "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"
+        "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "exp_avg_scales",
+        "exp_avg_sq_scales", "max_exp_avg_sq_scales", "corrections"
     ]  # fmt: skip
     args = op_args(SHAPES[:3])
     torch.library.opcheck(
@@ -114,7 +118,7 @@ def test_a_moment_the_kernel_cannot_read_takes_plain_torch_inside_the_op():
     ref_p = [x.clone() for x in p]
     steps = [torch.tensor(0.0), torch.tensor(0.0)]  # the op increments them
     torch.ops.foam.cpu_step_(p, g, m, v, [], steps, [2, 2], 1e-2, None, 0.9, 0.999, 1e-8, 0.0,
-                             True, False, False, 1.0, 1.0)  # fmt: skip
+                             True, False, False, 1.0, 1.0, [], [], [], [], [], [])  # fmt: skip
     u = torch.finfo(torch.float32).eps
     for i in range(2):
         st = {}
@@ -229,3 +233,39 @@ def test_the_kernel_library_is_cached_across_processes():
 def test_a_failed_build_says_what_the_compiler_said(tmp_path, bad):
     with pytest.raises(RuntimeError, match="building the CPU step kernel failed"):
         kernel_build.build(bad, cache_dir=tmp_path)
+
+
+def test_opcheck_grouped_moments_and_corrections():
+    """The op's schema with int8/int4-sr moments (codes and scales written) and bfloat16
+    weights with int16 corrections (written): torch's op checks."""
+    from foam_compile import master_weights
+
+    gen = generator("op-grouped")
+    params, grads, ms, vs, vmaxs, steps, scales, rhos = [], [], [], [], [], [], [[], [], []], []
+    formats = ["int8", "int4-sr"]
+    for (shape, level), fmt in zip([((6, 37), 2), ((5, 3, 70), 0)], formats):
+        p = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        params.append(p)
+        grads.append(torch.randn(shape, generator=gen).to(torch.bfloat16))
+        f = get_format(fmt)
+        st = {}
+        for (key, kind), out in zip(
+            [("exp_avg", "signed"), ("exp_avg_sq", "square"), ("max_exp_avg_sq", "square")],
+            (ms, vs, vmaxs),
+        ):
+            value = torch.rand(folded_shape(shape, level), generator=gen)
+            st.update(f.encode(value if kind == "square" else value - 0.5, p, key, kind))
+            out.append(st[key])
+        for i, key in enumerate(("exp_avg", "exp_avg_sq", "max_exp_avg_sq")):
+            scales[i].append(st[f"{key}_scale"])
+        steps.append(torch.tensor(2.0))
+        rho = torch.randint(-9, 9, shape, generator=gen)
+        rhos.append(rho.to(master_weights.OPTIONS["int16"][0]))
+    args = (params, grads, ms, vs, vmaxs, steps, [2, 0], 0.0, torch.tensor(1e-2), 0.9, 0.999,
+            1e-8, 0.1, True, True, True, 0.25, 2.0, formats, *scales, [True, True],
+            rhos)  # fmt: skip
+    torch.library.opcheck(
+        torch.ops.foam.cpu_step_.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )

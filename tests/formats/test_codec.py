@@ -291,3 +291,12 @@ def test_grouped_format_checks_its_tensors():
     assert "not a tensor" in fmt.check(st, "exp_avg", p, (3, 37))
     with pytest.raises(ValueError, match="bits"):
         GroupedFormat("int3", 3, 32, {"signed": 3, "square": 7})
+
+
+def test_square_scale_is_the_correctly_rounded_sqrt():
+    """The contract's sqrt is correctly rounded (kernels use sqrt_rn); torch's vectorised CPU
+    float32 sqrt is not, so the codec must not use it on float32 as is."""
+    x = torch.rand(4096, 32, generator=torch.Generator().manual_seed(7)) * 1e-3
+    _, s = codec.encode_square(x, 255)
+    want = torch.sqrt(x.double()).float().amax(-1, keepdim=True)
+    assert torch.equal(s.reshape(want.shape), want)

@@ -122,14 +122,18 @@ def test_nothing_full_size_is_kept_between_steps(fmt):
         }
 
 
-def test_quantized_parameters_take_the_plain_torch_backend():
+def test_quantized_parameters_take_the_cpu_kernel():
+    """CPU float32/bfloat16 parameters: the C++ step (tests/kernels/test_cpu_quant.py); float64
+    ones (the formats' arithmetic is float32) plain torch."""
     p = torch.zeros(8, 64)
     hp = Hyper().foam_kwargs()
     from foam_compile.hyper import Hyper as PackageHyper
 
     hyper = PackageHyper.from_group({**hp, "level": 2})
-    for name in ("int8", "int4", "int8-sr"):
+    for name in ("int8", "int4", "int8-sr", "int4-sr"):
         chosen = backends.select(p, p, 2, get_format(name), hyper)
+        assert chosen.__name__ == "foam_compile.backends.cpu"
+        chosen = backends.select(p.double(), p.double(), 2, get_format(name), hyper)
         assert chosen.__name__ == "foam_compile.backends.plain_torch"
 
 

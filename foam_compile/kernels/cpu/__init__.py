@@ -1,15 +1,18 @@
 """The CPU FOAM step kernel (``foam_step.cpp``) and its thin launcher.
 
 :func:`foam_cpu_step_` steps a list of parameters in one call of the C kernel: it checks the
-tensors, writes one 12-integer descriptor per parameter (addresses, ``[rows, n]``, the
-gradient's row stride, level, dtype) and calls ``foam_cpu_step`` through ``ctypes``. The kernel
-is built on first use (:mod:`.build`: once per machine, cached on disk) and loaded once per
-process. Pure kernel code: imports nothing from the rest of foam_compile.
+tensors, writes one 20-integer descriptor per parameter (addresses, ``[rows, n]``, the
+gradient's row stride, level, dtype, the moments' format and scales, the correction bits) and
+calls ``foam_cpu_step`` through ``ctypes``. The kernel is built on first use (:mod:`.build`:
+once per machine, cached on disk) and loaded once per process. Pure kernel code: imports
+nothing from the rest of foam_compile.
 
 Why ``ctypes`` and a C ABI rather than ``torch.utils.cpp_extension``: the source includes no
-torch header, so it compiles in seconds with nothing but a C++ compiler (no ninja, no pybind11,
-no ATen headers whose parsing alone costs more than the kernel), and a call costs one
-``ctypes`` call plus the descriptors.
+torch header, so it compiles with nothing but a C++ compiler (no ninja, no pybind11, no ATen
+headers), and a call costs one ``ctypes`` call plus the descriptors. The build is once per
+machine but not short: every (dtype, state format, correction, option, level) combination is
+its own template instance (about 1.5 CPU-minutes with GCC; 10 s before the quantized formats and
+corrections).
 """
 
 from __future__ import annotations
@@ -36,8 +39,13 @@ __all__ = [
 
 # The kernel's dtype codes (enum DType in foam_step.cpp).
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-FIELDS = 12  # int64 per descriptor (struct Desc)
-ABI = 2
+FIELDS = 20  # int64 per descriptor (struct Desc)
+ABI = 3
+#: Grouped moment codes the kernel reads (formats/int8.py, int4.py): bits -> (group, dtypes of
+#: the signed and the square codes). Anything else is refused.
+GROUPED = {8: (32, torch.int8, torch.uint8), 4: (32, torch.uint8, torch.uint8)}
+#: Correction bits (master_weights.py) the kernel reads, by dtype: the descriptor's width.
+CORRECTIONS = {torch.int8: 8, torch.int16: 16}
 
 _lib: ctypes.CDLL | None = None
 _codes: frozenset[int] | None = None
@@ -99,11 +107,26 @@ _F32, _F64 = torch.float32, torch.float64
 
 
 def describe(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, step: Tensor, level: int
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    vmax: Tensor | None,
+    step: Tensor,
+    level: int,
+    *,
+    bits: int = 0,
+    group: int = 0,
+    stochastic: bool = False,
+    scales: Sequence[Tensor | None] = (None, None, None),
+    corr: Tensor | None = None,
 ) -> tuple[list[int], Tensor] | str:
     """``(descriptor, gradient the kernel reads)`` for one parameter, or why the kernel cannot
     take it. Keep the gradient alive until the kernel has run (it may be a copy).
 
+    ``bits`` 8 or 4: the moments are grouped codes (``group`` elements a float32 scale, the
+    scales in ``scales``, rounded stochastically with ``stochastic``); 0: float moments.
+    ``corr``: the parameter's int8/int16 correction bits (bfloat16/float16 parameters).
     One pass of cheap attribute reads: this runs for every parameter at every step.
     """
     code = DTYPES.get(p.dtype)
@@ -111,25 +134,32 @@ def describe(
         return "the CPU kernel takes contiguous CPU float32/bfloat16/float16/float64 parameters"
     if g.shape != p.shape or g.dtype != p.dtype or not g.is_cpu:
         return "the CPU kernel takes a CPU gradient of the parameter's shape and dtype"
-    state_dtype = _F64 if code == 3 else _F32
     numel = p.numel()
     if numel == 0:
         return [], g
     if p.dim() < 2:
         level = 0
-    n = p.shape[-1] if level else max(numel, 1)
+    if bits:
+        # grouped codes follow the moment's own rows, level 0 included (groups never cross one)
+        n = p.shape[-1] if p.dim() else 1
+    else:
+        n = p.shape[-1] if level else max(numel, 1)
     rows = numel // n
-    blocks = rows * ((n + (1 << level) - 1) >> level)
-    for s in (m, v, vmax):
-        if s is None:
-            continue
-        if not s.is_cpu or s.dtype != state_dtype or not s.is_contiguous():
-            return f"a moment is not a contiguous CPU {state_dtype} tensor"
-        if s.numel() != blocks:
-            return f"a moment has {s.numel()} elements, not the {blocks} blocks of level {level}"
+    nb = (n + (1 << level) - 1) >> level
+    corr_bits = 0
+    if corr is not None:
+        corr_bits = CORRECTIONS.get(corr.dtype, 0)
+        if not corr_bits or p.dtype not in (torch.bfloat16, torch.float16):
+            return "correction bits are int8/int16 tensors of a bfloat16/float16 parameter"
+        if not corr.is_cpu or not corr.is_contiguous() or corr.shape != p.shape:
+            return "the correction bits are not a contiguous CPU tensor of the parameter's shape"
+    reason = _check_moments(p, m, v, vmax, rows, nb, bits, group, scales)
+    if reason:
+        return reason
     if not step.is_cpu or step.numel() != 1 or step.dtype not in (_F32, _F64):
         return "the step count is not a one-element float32/float64 CPU tensor"
     g, g_stride = _grad_layout(g, rows, n)
+    sc = [0 if s is None else s.data_ptr() for s in scales]
     return [
         p.data_ptr(),
         g.data_ptr(),
@@ -143,7 +173,41 @@ def describe(
         level,
         code,
         int(step.dtype == _F64),
+        bits,
+        int(bool(stochastic)),
+        *sc,
+        0 if corr is None else corr.data_ptr(),
+        corr_bits,
+        0,
     ], g
+
+
+def _check_moments(p, m, v, vmax, rows, nb, bits, group, scales) -> str | None:
+    """Why the moments cannot be read as ``[rows, nb]`` float / grouped-code moments, or None."""
+    if not bits:
+        state_dtype = _F64 if p.dtype == _F64 else _F32
+        for s in (m, v, vmax):
+            if s is None:
+                continue
+            if not s.is_cpu or s.dtype != state_dtype or not s.is_contiguous():
+                return f"a moment is not a contiguous CPU {state_dtype} tensor"
+            if s.numel() != rows * nb:
+                return f"a moment has {s.numel()} elements, not the {rows * nb} blocks"
+        return None
+    if bits not in GROUPED or group != GROUPED[bits][0] or p.dtype == _F64:
+        return f"the CPU kernel reads {sorted(GROUPED)}-bit codes in groups of 32, not float64"
+    width = nb if bits == 8 else (nb + 1) // 2
+    ngroups = -(-nb // group)
+    for s, sc, dtype in zip((m, v, vmax), scales, GROUPED[bits][1:] + GROUPED[bits][2:]):
+        if s is None:
+            continue
+        if not s.is_cpu or s.dtype != dtype or not s.is_contiguous() or s.numel() != rows * width:
+            return f"a moment's codes are not a contiguous CPU {dtype} tensor of {rows * width}"
+        if sc is None or not sc.is_cpu or sc.dtype != _F32 or not sc.is_contiguous():
+            return "a moment's scales are not a contiguous CPU float32 tensor"
+        if sc.numel() != rows * ngroups:
+            return f"a moment has {sc.numel()} scales, not the {rows * ngroups} groups"
+    return None
 
 
 def run(

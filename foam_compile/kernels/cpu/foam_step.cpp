@@ -18,10 +18,14 @@
 //   moments are updated as scalars, and a second pass over the same B elements, still in L1/L2,
 //   writes p. Memory sees each element once.
 //
-// Extension points (issue 12: quantized moments in groups; issue 13: bf16 weights with
-// correction bits): the parameter's storage is the `Param` policy (load W lanes as the compute
-// type, store them rounded), the moments' storage is the `State` policy (hand out a float tile
-// of a row's blocks, and commit it afterwards). The loops only see those two.
+// Storage policies: the loops only see these. The parameter's storage is `Weights` (`Param`:
+// load W lanes as the compute type, store them rounded; with correction bits, issue 13, load
+// theta = p16 + rho/Q * s and store p16 = round(theta) plus the new rho, master_weights.py's
+// codec bit for bit). The moments' storage is a `State` (hand out a float tile of a row's
+// blocks, commit it afterwards): `PlainState` points into a float tensor; `QuantState` (issue
+// 12: formats/int8.py, int4.py) decodes one group of 32 blocks into registers/stack, and
+// encodes it back (absmax scale, compander, nearest or stochastic rounding with codec.uniform's
+// counter-based hash), formats/codec.py's float32 arithmetic operation for operation.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,8 +39,9 @@
 #include <omp.h>
 #endif
 
-#define FOAM_CPU_ABI 2
+#define FOAM_CPU_ABI 3
 #define FOAM_API __attribute__((visibility("default")))
+#define FOAM_INLINE inline __attribute__((always_inline))
 
 namespace {
 
@@ -162,14 +167,104 @@ struct Param<f16> {
 #endif
 };
 
+
+// ------------------------------------------------------------------- master weights (issue 13)
+// `Weights<S, R>`: the float32 weight the update reads and writes. R = NoCorr: the parameter
+// itself (Param<S>). R = int8_t / int16_t: a bfloat16/float16 p16 plus its correction rho, with
+// master_weights.py's arithmetic (join: theta = float32(p16) + (float32(rho) * INV_Q) * s(p16);
+// split: p16 = round(theta), rho = clamp(rint(((theta - p16) * 2**a * 2**b) * Q), -Q, Q) with
+// 2**(a + b) = 1 / s(p16), a = floor(-k / 2); 0 where p16 is inf or nan).
+struct NoCorr {};
+
+template <class S>
+struct Format16;  // (mantissa bits, exponent bias, largest finite value) of the 16-bit dtypes
+template <>
+struct Format16<bf16> {
+  static constexpr int M = 7, BIAS = 127;
+  static constexpr float MAX = 3.3895313892515355e38f;
+};
+template <>
+struct Format16<f16> {
+  static constexpr int M = 10, BIAS = 15;
+  static constexpr float MAX = 65504.0f;
+};
+
+template <class S, class R>
+struct Weights {  // with a correction
+  using PIO = Param<S>;
+  using V = typename PIO::V;
+  static constexpr int W = Vec<float>::W;
+  static constexpr int M = Format16<S>::M;
+  static constexpr int LOW = 128 - Format16<S>::BIAS > 1 ? 128 - Format16<S>::BIAS : 1;
+  static constexpr float Q = sizeof(R) == 1 ? 127.0f : 32767.0f;
+  static constexpr float INV_Q = 1.0f / Q;  // float32(1 / Q), as master_weights.INV_Q
+  typedef R vr __attribute__((vector_size(W * sizeof(R))));
+
+  // 2**k for k in [-149, 127], from its bits (master_weights._pow2)
+  static V pow2(vi32 k) {
+    vi32 e = k + 127;
+    vi32 normal = (e < 1 ? splat<vi32>(1) : e) << 23;
+    vi32 sh = k + 149;
+    sh = sh < 0 ? splat<vi32>(0) : sh;
+    sh = sh > 22 ? splat<vi32>(22) : sh;
+    vi32 sub = splat<vi32>(1) << sh;
+    vi32 bits = k >= -126 ? normal : sub;
+    V out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+  }
+  // E - M - 1 of master_weights._exponent / _half_ulp32: the exponent of s = half an ulp
+  static vi32 half_ulp_exp(V x) {
+    vi32 bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    vi32 field = (bits >> 23) & 0xFF;
+    field = field < LOW ? splat<vi32>(LOW) : field;
+    return field - 127 - (M + 1);
+  }
+  static V load(const S* p, const R* rho) {
+    const V x = PIO::load(p);
+    vi32 k = half_ulp_exp(x);
+    k = k > 127 ? splat<vi32>(127) : k;
+    const V c = __builtin_convertvector(load_raw<vr>(rho), V) * INV_Q;
+    return x + c * pow2(k);
+  }
+  static void store(S* p, R* rho, V theta) {
+    PIO::store(p, theta);
+    const V r = PIO::load(p);  // the stored value, exactly
+    const vi32 k = -half_ulp_exp(r);
+    const vi32 half = k >> 1;  // floor(k / 2)
+    V t = (((theta - r) * pow2(half)) * pow2(k - half)) * Q;
+    for (int i = 0; i < W; ++i) t[i] = __builtin_rintf(t[i]);
+    t = t < -Q ? splat<V>(-Q) : t;
+    t = t > Q ? splat<V>(Q) : t;
+    const vi32 finite = vabs(r) <= Format16<S>::MAX;  // p16 is neither inf nor nan
+    t = finite ? t : splat<V>(0.0f);
+    store_raw(rho, __builtin_convertvector(t, vr));
+  }
+  static V vabs(V x) {
+    vu32 u;
+    std::memcpy(&u, &x, sizeof u);
+    u &= 0x7fffffffu;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+  }
+};
+
+template <class S>
+struct Weights<S, NoCorr> {  // no correction: the parameter is the weight
+  using PIO = Param<S>;
+  using V = typename PIO::V;
+  static V load(const S* p, const NoCorr*) { return PIO::load(p); }
+  static void store(S* p, NoCorr*, V x) { PIO::store(p, x); }
+};
+
 // ---------------------------------------------------------------------- moment storage policy
 // `PlainState<T>`: the moment is a contiguous [rows, nb] tensor of the compute type; a tile of a
-// row's blocks is a pointer into it. A quantized format would decode the tile's group(s) into
-// `scratch` in open() and encode them back in commit(); GROUP would then align the threads'
-// ranges to its groups.
+// row's blocks is a pointer into it (one tile: the whole range).
 template <class T>
 struct PlainState {
-  static constexpr int64_t GROUP = 1;  // blocks that must stay together
+  static constexpr int64_t TILE = int64_t(1) << 60;  // blocks per open/commit
+  static constexpr int64_t SCRATCH = 1;
   T* base;
   int64_t nb;
   T* open(int64_t row, int64_t b0, int64_t /*count*/, T* /*scratch*/) const {
@@ -258,12 +353,231 @@ inline Vec<float>::type vsqrt(Vec<float>::type x) {
   return r;
 }
 
+// ------------------------------------------------------------------ quantized moment storage
+// formats/int8.py and int4.py: per row of the folded moment, groups of G = 32 blocks, each with a
+// float32 absmax scale and 8-bit codes (int8 signed / uint8 square) or 4-bit codes packed two a
+// byte (element 2j low nibble; signed nibbles hold q + 8; an odd row ends in the zero code). A
+// group is GROUP / W float vectors; every line below is one float32 operation of codec.py's, in
+// its order (-ffp-contract=off: no fused multiply-add), lane by lane.
+constexpr int GROUP = 32;
+using VF = Vec<float>::type;
+constexpr int WF = Vec<float>::W;
+constexpr int NV = GROUP / WF;  // vectors per group
+typedef uint8_t vu8 __attribute__((vector_size(WF)));
+typedef int8_t vi8 __attribute__((vector_size(WF)));
+typedef uint8_t vgroup8 __attribute__((vector_size(GROUP)));
+typedef uint8_t vhalf8 __attribute__((vector_size(GROUP / 2)));
+
+// codec.hash32 (Chris Wellons' hash-prospector constants, as the codec cites), lane-wise.
+inline vu32 hash32(vu32 x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+
+inline VF vabs(VF x) {
+  vu32 u;
+  std::memcpy(&u, &x, sizeof u);
+  u &= 0x7fffffffu;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+inline VF vrint(VF x) {  // round half to even (the default rounding mode), as torch.round
+  for (int i = 0; i < WF; ++i) x[i] = __builtin_rintf(x[i]);
+  return x;
+}
+inline VF vfloor(VF x) {
+  for (int i = 0; i < WF; ++i) x[i] = __builtin_floorf(x[i]);
+  return x;
+}
+inline vi32 iota() {
+  vi32 r;
+  for (int i = 0; i < WF; ++i) r[i] = i;
+  return r;
+}
+
+template <int BITS, bool SIGNED>
+struct Code {
+  static constexpr int L = SIGNED ? (BITS == 8 ? 127 : 7) : (BITS == 8 ? 255 : 15);
+  static constexpr int ZERO = (BITS == 4 && SIGNED) ? 8 : 0;  // stored code of 0 (nibble)
+  // The decoded value before the scale of (float) codes q: codec._signed_t (y = q / L,
+  // t = y / (2 - |y|)) or the square's q / L.
+  static VF unit(VF q) {
+    const VF y = q / float(L);
+    if constexpr (SIGNED) {
+      return y / (2.0f - vabs(y));
+    } else {
+      return y;
+    }
+  }
+  // Stored codes of a group (its first byte at c) -> float codes q, NV vectors. `count` < GROUP
+  // (a row's last group) reads through a zero-padded copy, never past the row.
+  FOAM_INLINE static void load(const uint8_t* c, int64_t count, VF* q) {
+    uint8_t bytes[GROUP] = {};
+    constexpr int64_t FULL = BITS == 8 ? GROUP : GROUP / 2;
+    if (count == GROUP) {  // a whole group: one fixed-size copy (a vector load)
+      std::memcpy(bytes, c, FULL);
+    } else {
+      std::memcpy(bytes, c, BITS == 8 ? count : (count + 1) / 2);
+    }
+    uint8_t codes[GROUP];
+    if constexpr (BITS == 8) {
+      std::memcpy(codes, bytes, GROUP);
+    } else {  // nibbles: element 2j the low one of byte j
+      const vhalf8 b = load_raw<vhalf8>(bytes);
+      const vhalf8 lo = b & 15, hi = b >> 4;
+      const vgroup8 all = __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
+                                                  21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
+                                                  12, 28, 13, 29, 14, 30, 15, 31);
+      store_raw(codes, all);
+    }
+    for (int k = 0; k < NV; ++k) {
+      if constexpr (BITS == 8 && SIGNED) {
+        q[k] = __builtin_convertvector(load_raw<vi8>(codes + k * WF), VF);
+      } else {
+        q[k] = __builtin_convertvector(load_raw<vu8>(codes + k * WF), VF) - float(ZERO);
+      }
+    }
+  }
+  // Integer codes of NV vectors (lanes past `count` hold 0) -> the stored bytes at c.
+  FOAM_INLINE static void store(uint8_t* c, int64_t count, const vi32* q) {
+    uint8_t codes[GROUP];
+    for (int k = 0; k < NV; ++k) {
+      store_raw(codes + k * WF, __builtin_convertvector(q[k] + ZERO, vu8));
+    }
+    if constexpr (BITS == 8) {
+      std::memcpy(c, codes, count == GROUP ? GROUP : count);
+    } else {
+      const vgroup8 all = load_raw<vgroup8>(codes);
+      const vhalf8 even = __builtin_shufflevector(all, all, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
+                                                  20, 22, 24, 26, 28, 30);
+      const vhalf8 odd = __builtin_shufflevector(all, all, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21,
+                                                 23, 25, 27, 29, 31);
+      uint8_t packed[GROUP / 2];
+      store_raw(packed, even | (odd << 4));
+      std::memcpy(c, packed, count == GROUP ? GROUP / 2 : (count + 1) / 2);
+    }
+  }
+};
+
+// codec.encode_signed / encode_square of one group: x[0..count) (lanes past it read as 0, which
+// raises no absmax and codes to 0) -> integer codes q (NV vectors), returns the scale.
+// Stochastic rounding (`seed`, with `idx` the group's first flat index in the moment) draws
+// codec.uniform's numbers: (hash32(idx + j + seed) >> 8) * 2**-24.
+template <int BITS, bool SIGNED>
+FOAM_INLINE float encode_group(const float* x, int64_t count, vi32* q, bool stochastic, uint32_t seed,
+                   int64_t idx) {
+  using C = Code<BITS, SIGNED>;
+  constexpr float L = float(C::L);
+  VF a[NV], base[NV];
+  VF smax = splat<VF>(0.0f);
+  vi32 nan = splat<vi32>(0);
+  for (int k = 0; k < NV; ++k) {
+    VF xv = load_raw<VF>(x + k * WF);
+    xv = iota() + k * WF < int32_t(count) ? xv : splat<VF>(0.0f);
+    a[k] = xv;
+    // square: sqrt(clamp_min(x, 0)), NaN kept (a NaN moment must decode to NaN)
+    base[k] = SIGNED ? vabs(xv) : vsqrt(xv < 0.0f ? splat<VF>(0.0f) : xv);
+    smax = base[k] > smax ? base[k] : smax;
+    nan |= base[k] != base[k];
+  }
+  float s = 0.0f;
+  bool any_nan = false;
+  for (int i = 0; i < WF; ++i) {
+    s = smax[i] > s ? smax[i] : s;
+    any_nan |= nan[i] != 0;
+  }
+  if (any_nan) s = __builtin_nanf("");  // torch.amax propagates NaN
+  const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+  for (int k = 0; k < NV; ++k) {
+    VF t, z;
+    if constexpr (SIGNED) {
+      t = a[k] * inv;
+      const VF y = (t + t) / (1.0f + vabs(t));
+      z = y * L;
+    } else {
+      t = base[k] * inv;
+      z = t * L;
+    }
+    VF r;
+    if (!stochastic) {
+      r = vrint(z);
+    } else {
+      VF q0 = vfloor(z);  // NaN stays NaN through the clamps, and codes to 0 below
+      q0 = q0 < (SIGNED ? -L : 0.0f) ? splat<VF>(SIGNED ? -L : 0.0f) : q0;
+      q0 = q0 > L - 1.0f ? splat<VF>(L - 1.0f) : q0;
+      const VF a0 = C::unit(q0), a1 = C::unit(q0 + 1.0f);
+      VF p;
+      if constexpr (SIGNED) {
+        p = (t - a0) / (a1 - a0);
+      } else {
+        p = (t * t - a0 * a0) / (a1 * a1 - a0 * a0);
+      }
+      vu32 i = (vu32)(iota() + k * WF) + uint32_t(idx) + seed;
+      const VF rand = __builtin_convertvector(hash32(i) >> 8, VF) * 0x1p-24f;
+      r = rand < p ? q0 + 1.0f : q0;
+    }
+    r = r == r ? r : splat<VF>(0.0f);  // NaN (a non-finite group): its scale decodes NaN
+    vi32 qi = __builtin_convertvector(r, vi32);
+    if constexpr (!SIGNED) {  // a positive v never decodes to 0
+      qi = (qi == 0) & (base[k] > 0.0f) ? splat<vi32>(1) : qi;
+    }
+    q[k] = qi;
+  }
+  return s;
+}
+
+template <int BITS, bool SIGNED>
+struct QuantState {
+  using C = Code<BITS, SIGNED>;
+  static constexpr int64_t TILE = GROUP;  // one group per open/commit
+  static constexpr int64_t SCRATCH = GROUP;
+  uint8_t* codes;
+  float* scales;
+  int64_t nb, ng, row_bytes;  // blocks, groups and code bytes per row
+  uint32_t seed;              // stochastic rounding: hash32(4 * step + salt)
+  bool stochastic;
+
+  // b0 is a multiple of GROUP: the group b0 / GROUP of `row`, count <= GROUP blocks.
+  FOAM_INLINE float* open(int64_t row, int64_t b0, int64_t count, float* scratch) const {
+    const float s = scales[row * ng + b0 / GROUP];
+    VF q[NV];
+    C::load(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, q);
+    for (int k = 0; k < NV; ++k) {
+      const VF u = C::unit(q[k]) * s;
+      store_raw(scratch + k * WF, SIGNED ? u : u * u);
+    }
+    return scratch;
+  }
+
+  FOAM_INLINE void commit(int64_t row, int64_t b0, int64_t count, const float* x) const {
+    vi32 q[NV];
+    scales[row * ng + b0 / GROUP] =
+        encode_group<BITS, SIGNED>(x, count, q, stochastic, seed, row * nb + b0);
+    C::store(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, q);
+  }
+};
+
 // ------------------------------------------------------------------------------- descriptors
-// One parameter, as Python's launcher writes it: 12 int64 per parameter.
+// One parameter, as Python's launcher writes it: 20 int64 per parameter.
 struct Desc {
   int64_t p, g, m, v, vmax, step;  // addresses (vmax: 0 without amsgrad)
   int64_t rows, n, g_stride;       // [rows, n]; g's row stride in elements
   int64_t level, dtype, step_dtype;
+  int64_t format;                        // 0 float moments, 8 / 4: grouped codes (bits)
+  int64_t stochastic;                    // grouped codes: 1 = stochastic rounding
+  int64_t m_scale, v_scale, vmax_scale;  // grouped codes: float32 scales (0 otherwise)
+  int64_t corr, corr_bits;               // correction bits: address, 8 / 16 (0: none)
+  int64_t reserved;
 };
 enum DType { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 
@@ -276,6 +590,7 @@ struct HyperIn {  // the group's hyperparameters, as given
 template <class T>
 struct Scalars {
   T b1, omb1, b2, omb2, eps, rho, rho2, cwd, gsign, decay, step_size, inv_sqrt_bc2;
+  int64_t t;  // the step count, as an integer (stochastic rounding's counter)
 };
 
 template <class T>
@@ -297,23 +612,67 @@ Scalars<T> scalars(const HyperIn& h, const Desc& d) {
   s.decay = T(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0);
   s.step_size = T(h.lr * alpha / bc1);
   s.inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
+  s.t = int64_t(t);  // torch's float -> int64 cast truncates too
   return s;
 }
 
+// The three moments' storages of one parameter, for format FMT (0: float, 8 / 4: grouped).
+template <int FMT, class T>
+struct States {
+  using M = PlainState<T>;
+  using Q = PlainState<T>;
+  M m;
+  Q v, vm;
+  States(const Desc& d, int64_t nb, int64_t)
+      : m{reinterpret_cast<T*>(d.m), nb},
+        v{reinterpret_cast<T*>(d.v), nb},
+        vm{reinterpret_cast<T*>(d.vmax), nb} {}
+};
+
+template <int FMT>
+struct GroupedStates {
+  using M = QuantState<FMT, true>;
+  using Q = QuantState<FMT, false>;
+  M m;
+  Q v, vm;
+  static uint32_t seed(int64_t t, int salt) { return hash32(uint32_t(t * 4 + salt)); }
+  // formats.grouped.SALTS: 1 exp_avg, 2 exp_avg_sq, 3 max_exp_avg_sq
+  GroupedStates(const Desc& d, int64_t nb, int64_t t)
+      : m{reinterpret_cast<uint8_t*>(d.m), reinterpret_cast<float*>(d.m_scale), nb, ng(nb),
+          bytes(nb), seed(t, 1), d.stochastic != 0},
+        v{reinterpret_cast<uint8_t*>(d.v), reinterpret_cast<float*>(d.v_scale), nb, ng(nb),
+          bytes(nb), seed(t, 2), d.stochastic != 0},
+        vm{reinterpret_cast<uint8_t*>(d.vmax), reinterpret_cast<float*>(d.vmax_scale), nb,
+           ng(nb), bytes(nb), seed(t, 3), d.stochastic != 0} {}
+  static int64_t ng(int64_t nb) { return (nb + GROUP - 1) / GROUP; }
+  static int64_t bytes(int64_t nb) { return FMT == 8 ? nb : (nb + 1) / 2; }
+};
+template <>
+struct States<8, float> : GroupedStates<8> {
+  using GroupedStates<8>::GroupedStates;
+};
+template <>
+struct States<4, float> : GroupedStates<4> {
+  using GroupedStates<4>::GroupedStates;
+};
+
 // ------------------------------------------------------------------------------- the kernel
-template <class S, bool AMS, bool COUPLED>
+// S: the parameter's storage; FMT: the moments' (0, 8, 4); R: the correction's (NoCorr, int8_t,
+// int16_t).
+template <class S, bool AMS, bool COUPLED, int FMT, class R>
 struct Kernel {
   using PIO = Param<S>;
+  using WIO = Weights<S, R>;
   using T = typename PIO::T;
   using V = typename Vec<T>::type;
-  using St = PlainState<T>;
+  using St = States<FMT, T>;
   static constexpr int W = Vec<T>::W;
-
+  static constexpr bool CORR = !std::is_same<R, NoCorr>::value;
 
   // The gradient the moments see: maximize's sign, Adam's coupled decay.
-  static V grad(const S* g, const S* p, const Scalars<T>& c) {
+  static V grad(const S* g, const S* p, const R* corr, const Scalars<T>& c) {
     V x = PIO::load(g) * c.gsign;
-    if constexpr (COUPLED) x += c.cwd * PIO::load(p);
+    if constexpr (COUPLED) x += c.cwd * WIO::load(p, corr);
     return x;
   }
 
@@ -323,10 +682,11 @@ struct Kernel {
 
   // ---- B <= W: one vector of W elements = W/B whole blocks (those past n are padding).
   template <int B>
-  static void small_vec(S* p, const S* g, T* m, T* v, T* vm, V inv_count, const Scalars<T>& c) {
+  static void small_vec(S* p, const S* g, R* corr, T* m, T* v, T* vm, V inv_count,
+                        const Scalars<T>& c) {
     using L = Lanes<B, T, W>;
-    V x = grad(g, p, c);
-    V pv = PIO::load(p);
+    V x = grad(g, p, corr, c);
+    V pv = WIO::load(p, corr);
     V gb, qb;
     if constexpr (B == 1) {
       gb = x;
@@ -346,46 +706,54 @@ struct Kernel {
       L::store(vm, vu);
     }
     if constexpr (B == 1) {
-      PIO::store(p, new_param(pv, mn, vu, c));
+      WIO::store(p, corr, new_param(pv, mn, vu, c));
     } else {
       V r = x - gb;
-      PIO::store(p, new_param(pv, mn + c.rho * r, vu + c.rho2 * (r * r), c));
+      WIO::store(p, corr, new_param(pv, mn + c.rho * r, vu + c.rho2 * (r * r), c));
     }
   }
 
   template <int B>
-  static void small_row(const Desc& d, const St* st, int64_t row, int64_t c0, int64_t c1,
+  static void small_row(const Desc& d, const St& st, int64_t row, int64_t c0, int64_t c1,
                         const Scalars<T>& c) {
     constexpr int K = W / B;
     S* p = reinterpret_cast<S*>(d.p) + row * d.n;
     const S* g = reinterpret_cast<const S*>(d.g) + row * d.g_stride;
+    R* corr = CORR ? reinterpret_cast<R*>(d.corr) + row * d.n : nullptr;
     int64_t full_end = c0 + (c1 - c0) / W * W;
     const int64_t b0 = c0 / B, nblk = (c1 - c0 + B - 1) / B;
-    T* m = st[0].open(row, b0, nblk, nullptr);
-    T* v = st[1].open(row, b0, nblk, nullptr);
-    T* vm = AMS ? st[2].open(row, b0, nblk, nullptr) : nullptr;
+    T scratch[3][St::M::SCRATCH];
+    T* m = st.m.open(row, b0, nblk, scratch[0]);
+    T* v = st.v.open(row, b0, nblk, scratch[1]);
+    T* vm = AMS ? st.vm.open(row, b0, nblk, scratch[2]) : nullptr;
     const V inv_b = splat<V>(T(1) / T(B));
     int64_t e = c0;
     for (; e < full_end; e += W) {
       int64_t b = (e - c0) / B;
       __builtin_prefetch(p + e + PREFETCH / sizeof(S), 1);
       __builtin_prefetch(g + e + PREFETCH / sizeof(S), 0);
-      __builtin_prefetch(m + b + PREFETCH / sizeof(S) / B, 1);
-      __builtin_prefetch(v + b + PREFETCH / sizeof(S) / B, 1);
-      small_vec<B>(p + e, g + e, m + b, v + b, AMS ? vm + b : nullptr, inv_b, c);
+      if constexpr (FMT == 0) {
+        __builtin_prefetch(m + b + PREFETCH / sizeof(S) / B, 1);
+        __builtin_prefetch(v + b + PREFETCH / sizeof(S) / B, 1);
+      }
+      small_vec<B>(p + e, g + e, CORR ? corr + e : nullptr, m + b, v + b,
+                   AMS ? vm + b : nullptr, inv_b, c);
     }
     if (e < c1) {  // the row's last vector: through zero-padded copies
       const int t = int(c1 - e), nt = (t + B - 1) / B;
       const int64_t b = (e - c0) / B;
       S pb[W], gb[W];
+      R cb[W];
       T mb[K], vb[K], vmb[K];
       std::memset(pb, 0, sizeof pb);
       std::memset(gb, 0, sizeof gb);
+      std::memset(cb, 0, sizeof cb);
       std::memset(mb, 0, sizeof mb);
       std::memset(vb, 0, sizeof vb);
       std::memset(vmb, 0, sizeof vmb);
       std::memcpy(pb, p + e, t * sizeof(S));
       std::memcpy(gb, g + e, t * sizeof(S));
+      if constexpr (CORR) std::memcpy(cb, corr + e, t * sizeof(R));
       std::memcpy(mb, m + b, nt * sizeof(T));
       std::memcpy(vb, v + b, nt * sizeof(T));
       if (AMS) std::memcpy(vmb, vm + b, nt * sizeof(T));
@@ -394,15 +762,16 @@ struct Kernel {
         int count = std::min(B, t - (i / B) * B);
         inv_c[i] = count > 0 ? T(1) / T(count) : T(0);
       }
-      small_vec<B>(pb, gb, mb, vb, vmb, inv_c, c);
+      small_vec<B>(pb, gb, cb, mb, vb, vmb, inv_c, c);
       std::memcpy(p + e, pb, t * sizeof(S));
+      if constexpr (CORR) std::memcpy(corr + e, cb, t * sizeof(R));
       std::memcpy(m + b, mb, nt * sizeof(T));
       std::memcpy(v + b, vb, nt * sizeof(T));
       if (AMS) std::memcpy(vm + b, vmb, nt * sizeof(T));
     }
-    st[0].commit(row, b0, nblk, m);
-    st[1].commit(row, b0, nblk, v);
-    if (AMS) st[2].commit(row, b0, nblk, vm);
+    st.m.commit(row, b0, nblk, m);
+    st.v.commit(row, b0, nblk, v);
+    if (AMS) st.vm.commit(row, b0, nblk, vm);
   }
 
   // ---- B > W: a block is several vectors; sum them pairwise, then write p in a second pass.
@@ -434,20 +803,23 @@ struct Kernel {
     }
   };
 
-  static void large_block(S* p, const S* g, int64_t count, T& m, T& v, T* vm,
+  static void large_block(S* p, const S* g, R* corr, int64_t count, T& m, T& v, T* vm,
                           const Scalars<T>& c) {
     const int64_t full = count / W * W;
     const int t = int(count - full);
     S pb[W], gb[W];
+    R cb[W];
     if (t) {
       std::memset(pb, 0, sizeof pb);
       std::memset(gb, 0, sizeof gb);
+      std::memset(cb, 0, sizeof cb);
       std::memcpy(pb, p + full, t * sizeof(S));
       std::memcpy(gb, g + full, t * sizeof(S));
+      if constexpr (CORR) std::memcpy(cb, corr + full, t * sizeof(R));
     }
     Pairwise acc;
-    for (int64_t e = 0; e < full; e += W) acc.add(grad(g + e, p + e, c));
-    if (t) acc.add(grad(gb, pb, c));
+    for (int64_t e = 0; e < full; e += W) acc.add(grad(g + e, p + e, CORR ? corr + e : nullptr, c));
+    if (t) acc.add(grad(gb, pb, cb, c));
     T gs, qs;
     acc.total(gs, qs);
     const T inv = T(1) / T(count);
@@ -462,50 +834,57 @@ struct Kernel {
       *vm = vu;
     }
     const V gbv = splat<V>(gmean), mv = splat<V>(mn), vuv = splat<V>(vu);
-    auto one = [&](S* pp, const S* gg) {
-      V x = grad(gg, pp, c);
+    auto one = [&](S* pp, const S* gg, R* cc) {
+      V x = grad(gg, pp, cc, c);
       V r = x - gbv;
-      PIO::store(pp, new_param(PIO::load(pp), mv + c.rho * r, vuv + c.rho2 * (r * r), c));
+      WIO::store(pp, cc, new_param(WIO::load(pp, cc), mv + c.rho * r, vuv + c.rho2 * (r * r), c));
     };
-    for (int64_t e = 0; e < full; e += W) one(p + e, g + e);
+    for (int64_t e = 0; e < full; e += W) one(p + e, g + e, CORR ? corr + e : nullptr);
     if (t) {
-      one(pb, gb);
+      one(pb, gb, cb);
       std::memcpy(p + full, pb, t * sizeof(S));
+      if constexpr (CORR) std::memcpy(corr + full, cb, t * sizeof(R));
     }
   }
 
-  static void large_row(const Desc& d, const St* st, int64_t row, int64_t c0, int64_t c1,
+  static void large_row(const Desc& d, const St& st, int64_t row, int64_t c0, int64_t c1,
                         const Scalars<T>& c) {
     const int64_t B = int64_t(1) << d.level;
     S* p = reinterpret_cast<S*>(d.p) + row * d.n;
     const S* g = reinterpret_cast<const S*>(d.g) + row * d.g_stride;
+    R* corr = CORR ? reinterpret_cast<R*>(d.corr) + row * d.n : nullptr;
     const int64_t b0 = c0 / B, nblk = (c1 - c0 + B - 1) / B;
-    T* m = st[0].open(row, b0, nblk, nullptr);
-    T* v = st[1].open(row, b0, nblk, nullptr);
-    T* vm = AMS ? st[2].open(row, b0, nblk, nullptr) : nullptr;
+    T scratch[3][St::M::SCRATCH];
+    T* m = st.m.open(row, b0, nblk, scratch[0]);
+    T* v = st.v.open(row, b0, nblk, scratch[1]);
+    T* vm = AMS ? st.vm.open(row, b0, nblk, scratch[2]) : nullptr;
     for (int64_t j = 0; j < nblk; ++j) {
       const int64_t e = c0 + j * B;
-      large_block(p + e, g + e, std::min(B, c1 - e), m[j], v[j], AMS ? vm + j : nullptr, c);
+      large_block(p + e, g + e, CORR ? corr + e : nullptr, std::min(B, c1 - e), m[j], v[j],
+                  AMS ? vm + j : nullptr, c);
     }
-    st[0].commit(row, b0, nblk, m);
-    st[1].commit(row, b0, nblk, v);
-    if (AMS) st[2].commit(row, b0, nblk, vm);
+    st.m.commit(row, b0, nblk, m);
+    st.v.commit(row, b0, nblk, v);
+    if (AMS) st.vm.commit(row, b0, nblk, vm);
   }
 
-  // Elements [e0, e1) of the flattened [rows, n] parameter (cut where partition() cuts).
+  // Elements [e0, e1) of the flattened [rows, n] parameter (cut where partition() cuts: at row
+  // starts and at multiples of max(B * TILE, W) inside a row), in tiles of TILE blocks.
   template <int B>
   static void range(const Desc& d, const HyperIn& h, int64_t e0, int64_t e1) {
     const Scalars<T> c = scalars<T>(h, d);
     const int64_t bsize = int64_t(1) << d.level, nb = (d.n + bsize - 1) / bsize;
-    const St st[3] = {{reinterpret_cast<T*>(d.m), nb},
-                      {reinterpret_cast<T*>(d.v), nb},
-                      {reinterpret_cast<T*>(d.vmax), nb}};
+    const St st(d, nb, c.t);
+    const int64_t tile = St::M::TILE >= (int64_t(1) << 40) ? d.n : St::M::TILE * bsize;
     for (int64_t e = e0; e < e1;) {
       const int64_t row = e / d.n, c0 = e % d.n, c1 = std::min(d.n, c0 + (e1 - e));
-      if constexpr (B > 0) {
-        small_row<B>(d, st, row, c0, c1, c);
-      } else {
-        large_row(d, st, row, c0, c1, c);
+      for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+        const int64_t t1 = std::min(c1, t0 + tile);
+        if constexpr (B > 0) {
+          small_row<B>(d, st, row, t0, t1, c);
+        } else {
+          large_row(d, st, row, t0, t1, c);
+        }
       }
       e += c1 - c0;
     }
@@ -515,9 +894,9 @@ struct Kernel {
 // ---------------------------------------------------------------------------------- dispatch
 typedef void (*RangeFn)(const Desc&, const HyperIn&, int64_t, int64_t);
 
-template <class S, bool AMS, bool COUPLED>
+template <class S, bool AMS, bool COUPLED, int FMT, class R>
 RangeFn pick_level(int64_t level) {
-  using K = Kernel<S, AMS, COUPLED>;
+  using K = Kernel<S, AMS, COUPLED, FMT, R>;
   constexpr int W = K::W;
   switch (level) {
     case 0:
@@ -540,26 +919,58 @@ RangeFn pick_level(int64_t level) {
   return &K::template range<0>;  // B > W
 }
 
-template <class S>
+template <class S, int FMT, class R>
 RangeFn pick_options(int64_t level, bool ams, bool coupled) {
   if (ams) {
-    return coupled ? pick_level<S, true, true>(level) : pick_level<S, true, false>(level);
+    return coupled ? pick_level<S, true, true, FMT, R>(level)
+                   : pick_level<S, true, false, FMT, R>(level);
   }
-  return coupled ? pick_level<S, false, true>(level) : pick_level<S, false, false>(level);
+  return coupled ? pick_level<S, false, true, FMT, R>(level)
+                 : pick_level<S, false, false, FMT, R>(level);
+}
+
+// float compute: every format; the 16-bit storages also with correction bits
+template <class S, class R>
+RangeFn pick_format(const Desc& d, bool ams, bool coupled) {
+  switch (d.format) {
+    case 0:
+      return pick_options<S, 0, R>(d.level, ams, coupled);
+    case 8:
+      return pick_options<S, 8, R>(d.level, ams, coupled);
+    case 4:
+      return pick_options<S, 4, R>(d.level, ams, coupled);
+    default:
+      return nullptr;
+  }
+}
+
+template <class S>
+RangeFn pick_corr(const Desc& d, bool ams, bool coupled) {
+  switch (d.corr_bits) {
+    case 0:
+      return pick_format<S, NoCorr>(d, ams, coupled);
+    case 8:
+      return pick_format<S, int8_t>(d, ams, coupled);
+    case 16:
+      return pick_format<S, int16_t>(d, ams, coupled);
+    default:
+      return nullptr;
+  }
 }
 
 RangeFn pick(const Desc& d, bool ams, bool coupled) {
+  if (d.format != 0 && (d.format != 8 && d.format != 4)) return nullptr;
   switch (d.dtype) {
     case F32:
-      return pick_options<float>(d.level, ams, coupled);
+      return d.corr_bits ? nullptr : pick_format<float, NoCorr>(d, ams, coupled);
     case BF16:
-      return pick_options<bf16>(d.level, ams, coupled);
+      return pick_corr<bf16>(d, ams, coupled);
 #if defined(__AVX512F__) || (defined(__F16C__) && defined(__AVX__))
     case F16:
-      return pick_options<f16>(d.level, ams, coupled);
+      return pick_corr<f16>(d, ams, coupled);
 #endif
-    case F64:
-      return pick_options<double>(d.level, ams, coupled);
+    case F64:  // float64 moments only (the grouped formats' arithmetic is float32)
+      return d.corr_bits || d.format ? nullptr : pick_options<double, 0, NoCorr>(d.level, ams, coupled);
     default:
       return nullptr;
   }
@@ -567,20 +978,22 @@ RangeFn pick(const Desc& d, bool ams, bool coupled) {
 
 int lanes(const Desc& d) { return d.dtype == F64 ? Vec<double>::W : Vec<float>::W; }
 
-// Where a range may be cut inside parameter d: row starts, and multiples of max(B, W) inside a
-// row (level 0 is one row: multiples of W).
+// Where a range may be cut inside parameter d: row starts, and multiples of max(B * G, W) inside
+// a row (G = 32 blocks for grouped moments: a group is encoded whole by one thread).
 int64_t align_down(const Desc& d, int64_t e) {
-  const int64_t a = std::max<int64_t>(int64_t(1) << d.level, lanes(d));
+  const int64_t tile = (int64_t(1) << d.level) * (d.format ? GROUP : 1);
+  const int64_t a = std::max<int64_t>(tile, lanes(d));
   const int64_t row = e / d.n, col = e % d.n;
   return row * d.n + col / a * a;
 }
 
-// Estimated bytes moved per element: p read and written, g read, each moment read and written
-// once per block.
+// Estimated bytes moved per element: p read and written (and its correction), g read, each
+// moment read and written once per block.
 double weight(const Desc& d, bool ams) {
   const double ps = d.dtype == F32 ? 4 : d.dtype == F64 ? 8 : 2;
-  const double ss = d.dtype == F64 ? 8 : 4;
-  return 3 * ps + 2 * ss * (ams ? 3 : 2) / double(int64_t(1) << d.level);
+  const double ss = d.dtype == F64 ? 8 : d.format == 8 ? 1.125 : d.format == 4 ? 0.625 : 4;
+  return 3 * ps + 2.0 * double(d.corr_bits) / 8 +
+         2 * ss * (ams ? 3 : 2) / double(int64_t(1) << d.level);
 }
 
 struct Cut {
@@ -632,13 +1045,13 @@ FOAM_API int foam_cpu_supports_dtype(int dtype) {
   return pick(d, false, false) != nullptr;
 }
 
-// Steps `count` parameters described by `descs` (12 int64 each, see Desc); with `increment`, adds
+// Steps `count` parameters described by `descs` (20 int64 each, see Desc); with `increment`, adds
 // 1 to each step count first (once, before the threads start). Returns 0, or 1 + the index of
 // the first parameter it cannot take (nothing is written then).
 FOAM_API int foam_cpu_step(const int64_t* descs, int64_t count, double lr, double beta1, double beta2,
                   double eps, double weight_decay, double scale, double res_scale, int decoupled,
                   int amsgrad, int maximize, int increment, int threads) {
-  static_assert(sizeof(Desc) == 12 * sizeof(int64_t), "descriptor layout");
+  static_assert(sizeof(Desc) == 20 * sizeof(int64_t), "descriptor layout");
   const Desc* ds = reinterpret_cast<const Desc*>(descs);
   const HyperIn h{lr, beta1, beta2, eps, weight_decay, scale, res_scale,
                   decoupled, amsgrad, maximize};
