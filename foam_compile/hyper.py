@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,7 +18,38 @@ from torch import Tensor
 
 from .master_weights import check_option as check_master_weights
 
-__all__ = ["GROUP_DEFAULTS", "MAX_LEVEL", "Hyper", "check_level", "check_options"]
+__all__ = [
+    "GROUP_DEFAULTS",
+    "MAX_LEVEL",
+    "OP_SCALARS",
+    "Hyper",
+    "check_level",
+    "check_options",
+    "op_scalars",
+]
+
+#: The scalar hyperparameters the step ops take as named arguments, ``lr`` apart (the ops split it
+#: into a number and an optional tensor: op schemas have no union type).
+OP_SCALARS = (
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "decoupled_weight_decay",
+    "amsgrad",
+    "maximize",
+    "scale",
+    "res_scale",
+)
+
+
+def op_scalars(source) -> dict:
+    """``{name: value}`` for :data:`OP_SCALARS`, read from a :class:`Hyper` or from an op's
+    arguments (its ``locals()``), so that no op restates the list."""
+    if isinstance(source, Mapping):
+        return {name: source[name] for name in OP_SCALARS}
+    return {name: getattr(source, name) for name in OP_SCALARS}
+
 
 # Keys FOAM adds to a param group, with the values a converted stock optimizer gets.
 GROUP_DEFAULTS = {

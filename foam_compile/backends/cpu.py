@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import master_weights
 from ..formats.grouped import GroupedFormat
-from ..hyper import Hyper
+from ..hyper import Hyper, op_scalars
 from ..kernels import cpu as kernel
 from ..reference import effective_level
 from ..state import StateFormat, format_of, get_format
@@ -165,18 +165,7 @@ def cpu_step_(
     ``corrections`` holds them, in order. A parameter the kernel cannot read (see
     :func:`foam_compile.kernels.cpu.describe`) runs the plain-torch update.
     """
-    hyper = dict(
-        lr=float(lr_tensor) if lr_tensor is not None else lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
-    )
+    hyper = dict(lr=float(lr_tensor) if lr_tensor is not None else lr, **op_scalars(locals()))
     descs, keep, slow = [], [], []
     gi = ci = 0  # the next entries of the scale and correction lists
     for i, p in enumerate(params):

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..hyper import Hyper
+from ..hyper import Hyper, op_scalars
 from ..kernels.foam_adam import (
     MAX_LEVEL,
     SUPPORTED_DTYPES,
@@ -114,21 +114,6 @@ def supports(p: Tensor, g: Tensor, level: int, fmt: StateFormat, hp: Hyper) -> s
     return None
 
 
-def _hyper_kwargs(hp: Hyper) -> dict:
-    """The ops' scalar arguments (``lr`` is split into a number and a tensor by the caller)."""
-    return dict(
-        beta1=hp.beta1,
-        beta2=hp.beta2,
-        eps=hp.eps,
-        weight_decay=hp.weight_decay,
-        decoupled_weight_decay=hp.decoupled_weight_decay,
-        amsgrad=hp.amsgrad,
-        maximize=hp.maximize,
-        scale=hp.scale,
-        res_scale=hp.res_scale,
-    )
-
-
 def step_(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
 ) -> None:
@@ -158,7 +143,7 @@ def step_(
         [st["foam_level"] for st in states],
         lr_value,
         lr_tensor,
-        **_hyper_kwargs(hp),
+        **op_scalars(hp),
     )
 
 
@@ -186,7 +171,7 @@ def _one_step(p, g, st, lr_value, lr_tensor, hp: Hyper) -> None:
         st["foam_level"],
         lr_value,
         lr_tensor,
-        **_hyper_kwargs(hp),
+        **op_scalars(hp),
     )
 
 
@@ -241,16 +226,8 @@ def _adam_step_impl(
     kw = dict(
         step=step if step_tensor is None else step_tensor,
         lr=lr if lr_tensor is None else lr_tensor,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
         level=level,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
+        **op_scalars(locals()),
     )
     # The interpreter runs on real memory and cannot be traced: when torch.compile traces this op
     # on CPU, the plain-torch body is what it sees.
@@ -310,18 +287,7 @@ def _adam_step_grouped_impl(
     scale: float,
     res_scale: float,
 ) -> None:
-    hp = dict(
-        lr=lr if lr_tensor is None else lr_tensor,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
-    )
+    hp = dict(lr=lr if lr_tensor is None else lr_tensor, **op_scalars(locals()))
     fast, slow = _split_supported(params, grads, levels)
     if len(fast) == len(params):  # the common case: the lists go to the kernel as they are
         foam_adam_grouped_(
@@ -432,18 +398,8 @@ def _adam_step_formats_impl(
 ) -> None:
     """One parameter whose moments are in ``state_format`` and/or that carries correction bits
     ``master_rho``: every tensor a real argument (a ``triton_op``, as ``adam_step_``)."""
+    hyper = op_scalars(locals())
     fmt = get_format(state_format)
-    hyper = dict(
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=res_scale,
-    )
     lr_any = lr if lr_tensor is None else lr_tensor
     kw = dict(lr=lr_any, step=step, level=level, master_rho=master_rho, **hyper)
     if (
