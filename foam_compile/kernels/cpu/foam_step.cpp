@@ -65,8 +65,6 @@ struct Vec {
 };
 
 typedef uint16_t vu16 __attribute__((vector_size(VBYTES / 2)));
-typedef uint32_t vu32 __attribute__((vector_size(VBYTES)));
-typedef int32_t vi32 __attribute__((vector_size(VBYTES)));
 
 template <class V, class T>
 inline V splat(T x) {
@@ -83,6 +81,58 @@ inline V load_raw(const void* p) {
 template <class V>
 inline void store_raw(void* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
+}
+
+// ------------------------------------------------------------------------ lane-wise math
+// Correctly rounded sqrt, round-half-even and floor of float vectors, as the scalar libm calls.
+// Where the ISA has the instruction, the intrinsic: GCC writes a loop over the lanes of a 64-byte
+// vector as two 32-byte halves joined through the stack (a store-forwarding stall per vector),
+// or as one scalar instruction per lane (vrndscaless).
+using VF = Vec<float>::type;
+constexpr int WF = Vec<float>::W;
+typedef uint32_t vu32 __attribute__((vector_size(VBYTES)));
+typedef int32_t vi32 __attribute__((vector_size(VBYTES)));
+
+template <class V>
+inline V vsqrt(V x) {  // float64 (not a fast path)
+  V r;
+  for (int i = 0; i < int(sizeof(V) / sizeof(x[0])); ++i) r[i] = __builtin_sqrt(x[i]);
+  return r;
+}
+#if !defined(_MM_FROUND_TO_NEAREST_INT)
+#define _MM_FROUND_TO_NEAREST_INT 0
+#define _MM_FROUND_TO_NEG_INF 1
+#endif
+template <int MODE>
+inline VF round_as(VF x) {  // MODE: _MM_FROUND_TO_NEAREST_INT or _MM_FROUND_TO_NEG_INF
+#if defined(__AVX512F__)
+  return (VF)_mm512_roundscale_ps((__m512)x, MODE | _MM_FROUND_NO_EXC);
+#elif defined(__AVX__)
+  return (VF)_mm256_round_ps((__m256)x, MODE | _MM_FROUND_NO_EXC);
+#else
+  for (int i = 0; i < WF; ++i) x[i] = MODE == 0 ? __builtin_rintf(x[i]) : __builtin_floorf(x[i]);
+  return x;
+#endif
+}
+template <>
+inline VF vsqrt(VF x) {
+#if defined(__AVX512F__)
+  return (VF)_mm512_sqrt_ps((__m512)x);
+#elif defined(__AVX__)
+  return (VF)_mm256_sqrt_ps((__m256)x);
+#else
+  for (int i = 0; i < WF; ++i) x[i] = __builtin_sqrtf(x[i]);
+  return x;
+#endif
+}
+inline VF vrint(VF x) { return round_as<_MM_FROUND_TO_NEAREST_INT>(x); }  // as torch.round
+inline VF vfloor(VF x) { return round_as<_MM_FROUND_TO_NEG_INF>(x); }
+inline VF vabs(VF x) {
+  vu32 u;
+  std::memcpy(&u, &x, sizeof u);
+  u &= 0x7fffffffu;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
 }
 
 // ------------------------------------------------------------------ parameter storage policies
@@ -225,7 +275,8 @@ struct Weights {  // with a correction
     const V x = PIO::load(p);
     vi32 k = half_ulp_exp(x);
     k = k > 127 ? splat<vi32>(127) : k;
-    const V c = __builtin_convertvector(load_raw<vr>(rho), V) * INV_Q;
+    // through int32 lanes: a direct int8/int16 -> float conversion is one scalar op a lane
+    const V c = __builtin_convertvector(__builtin_convertvector(load_raw<vr>(rho), vi32), V) * INV_Q;
     return x + c * pow2(k);
   }
   static void store(S* p, R* rho, V theta) {
@@ -234,19 +285,12 @@ struct Weights {  // with a correction
     const vi32 k = -half_ulp_exp(r);
     const vi32 half = k >> 1;  // floor(k / 2)
     V t = (((theta - r) * pow2(half)) * pow2(k - half)) * Q;
-    for (int i = 0; i < W; ++i) t[i] = __builtin_rintf(t[i]);
+    t = vrint(t);
     t = t < -Q ? splat<V>(-Q) : t;
     t = t > Q ? splat<V>(Q) : t;
     const vi32 finite = vabs(r) <= Format16<S>::MAX;  // p16 is neither inf nor nan
     t = finite ? t : splat<V>(0.0f);
-    store_raw(rho, __builtin_convertvector(t, vr));
-  }
-  static V vabs(V x) {
-    vu32 u;
-    std::memcpy(&u, &x, sizeof u);
-    u &= 0x7fffffffu;
-    std::memcpy(&x, &u, sizeof x);
-    return x;
+    store_raw(rho, __builtin_convertvector(__builtin_convertvector(t, vi32), vr));
   }
 };
 
@@ -320,7 +364,33 @@ struct Lanes {
     std::memcpy(&c, &w, sizeof c);
     return c;
   }
+#if defined(__AVX512F__)
+  // AVX-512 floats: GCC lowers the widening shuffle below through the stack (a 64-byte reload
+  // of a smaller store, a store-forwarding stall a vector); load the K floats into the low
+  // lanes of a register and spread them with one vpermps.
+  static __m512 low_lanes(const float* p) {
+    if constexpr (K == 8) {
+      return _mm512_castps256_ps512(_mm256_loadu_ps(p));
+    } else if constexpr (K == 4) {
+      return _mm512_castps128_ps512(_mm_loadu_ps(p));
+    } else if constexpr (K == 2) {
+      return _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)p)));
+    } else {
+      return _mm512_set1_ps(*p);
+    }
+  }
+  template <std::size_t... J>
+  static V spread(const float* p, std::index_sequence<J...>) {
+    const vi32 lane_of = {int(J / B)...};
+    return (V)_mm512_permutexvar_ps((__m512i)lane_of, low_lanes(p));
+  }
+#endif
   static V load(const T* p) {
+#if defined(__AVX512F__)
+    if constexpr (B > 1 && std::is_same<T, float>::value) {
+      return spread(p, std::make_index_sequence<W>{});
+    }
+#endif
     if constexpr (B == 1) {
       return load_raw<V>(p);
     } else if constexpr (BYTES == 4) {
@@ -340,18 +410,6 @@ struct Lanes {
   }
 };
 
-template <class V>
-inline V vsqrt(V x) {
-  V r;
-  for (int i = 0; i < int(sizeof(V) / sizeof(x[0])); ++i) r[i] = __builtin_sqrt(x[i]);
-  return r;
-}
-template <>
-inline Vec<float>::type vsqrt(Vec<float>::type x) {
-  Vec<float>::type r;
-  for (int i = 0; i < Vec<float>::W; ++i) r[i] = __builtin_sqrtf(x[i]);
-  return r;
-}
 
 // ------------------------------------------------------------------ quantized moment storage
 // formats/int8.py and int4.py: per row of the folded moment, groups of G = 32 blocks, each with a
@@ -360,10 +418,9 @@ inline Vec<float>::type vsqrt(Vec<float>::type x) {
 // group is GROUP / W float vectors; every line below is one float32 operation of codec.py's, in
 // its order (-ffp-contract=off: no fused multiply-add), lane by lane.
 constexpr int GROUP = 32;
-using VF = Vec<float>::type;
-constexpr int WF = Vec<float>::W;
 constexpr int NV = GROUP / WF;  // vectors per group
 typedef uint8_t vu8 __attribute__((vector_size(WF)));
+typedef uint8_t vu8h __attribute__((vector_size(WF / 2)));
 typedef int8_t vi8 __attribute__((vector_size(WF)));
 typedef uint8_t vgroup8 __attribute__((vector_size(GROUP)));
 typedef uint8_t vhalf8 __attribute__((vector_size(GROUP / 2)));
@@ -384,21 +441,6 @@ inline uint32_t hash32(uint32_t x) {
   return x ^ (x >> 15);
 }
 
-inline VF vabs(VF x) {
-  vu32 u;
-  std::memcpy(&u, &x, sizeof u);
-  u &= 0x7fffffffu;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-inline VF vrint(VF x) {  // round half to even (the default rounding mode), as torch.round
-  for (int i = 0; i < WF; ++i) x[i] = __builtin_rintf(x[i]);
-  return x;
-}
-inline VF vfloor(VF x) {
-  for (int i = 0; i < WF; ++i) x[i] = __builtin_floorf(x[i]);
-  return x;
-}
 inline vi32 iota() {
   vi32 r;
   for (int i = 0; i < WF; ++i) r[i] = i;
@@ -419,9 +461,58 @@ struct Code {
       return y;
     }
   }
-  // Stored codes of a group (its first byte at c) -> float codes q, NV vectors. `count` < GROUP
-  // (a row's last group) reads through a zero-padded copy, never past the row.
-  FOAM_INLINE static void load(const uint8_t* c, int64_t count, VF* q) {
+  // unit() of every stored code (a byte, or a nibble), computed once by unit() itself: decoding
+  // is a table lookup, the same float32 values without unit()'s one or two divides an element.
+  static constexpr int CODES = BITS == 8 ? 256 : 16;
+  struct Table {
+    alignas(64) float v[CODES];
+    Table() {
+      for (int b = 0; b < CODES; b += WF) {
+        VF q;
+        for (int i = 0; i < WF; ++i) {
+          const int c = b + i;
+          q[i] = BITS == 8 && SIGNED ? float(int8_t(uint8_t(c))) : float(c - ZERO);
+        }
+        store_raw(v + b, unit(q));
+      }
+    }
+  };
+  static const float* table() {
+    static const Table t;  // built once, thread-safely, on first use
+    return t.v;
+  }
+#if defined(__AVX512F__)
+  // unit() of 16 codes (int32 lanes: the stored byte, or nibble), in registers: a table read
+  // through scalar stores and a vector reload stalls store forwarding at every vector.
+  FOAM_INLINE static VF lookup(vi32 code, const float* table) {
+    if constexpr (BITS == 4) {  // 16 codes: one permute
+      return (VF)_mm512_permutexvar_ps((__m512i)code, _mm512_load_ps(table));
+    } else if constexpr (!SIGNED) {  // q / 255: unit() itself, one divide
+      return unit(__builtin_convertvector(code, VF));
+    } else {
+      // int8: unit(-q) == -unit(q) exactly (each division rounds symmetrically), so |q| < 128
+      // indexes the 128 entries of the non-negative codes: four 32-entry permutes, then bits 5
+      // and 6 of |q| choose. -128 (never written by the encoder) is read from the table.
+      const vi32 q = (code ^ 0x80) - 0x80;  // the byte as an int8
+      const __m512i mag = (__m512i)(q < 0 ? -q : q);
+      __m512 r[4];
+      for (int j = 0; j < 4; ++j) {
+        r[j] = _mm512_permutex2var_ps(_mm512_load_ps(table + 32 * j), mag,
+                                      _mm512_load_ps(table + 32 * j + 16));
+      }
+      const __mmask16 b5 = _mm512_test_epi32_mask(mag, _mm512_set1_epi32(32));
+      const __mmask16 b6 = _mm512_test_epi32_mask(mag, _mm512_set1_epi32(64));
+      const __m512 lo = _mm512_mask_blend_ps(b5, r[0], r[1]);
+      const __m512 hi = _mm512_mask_blend_ps(b5, r[2], r[3]);
+      VF u = (VF)_mm512_mask_blend_ps(b6, lo, hi);
+      u = q < 0 ? -u : u;
+      return q == -128 ? splat<VF>(table[128]) : u;
+    }
+  }
+#endif
+  // Stored codes of a group (its first byte at c) -> their unit() values, NV vectors. `count` <
+  // GROUP (a row's last group) reads through a zero-padded copy, never past the row.
+  FOAM_INLINE static void units(const uint8_t* c, int64_t count, const float* table, VF* u) {
     uint8_t bytes[GROUP] = {};
     constexpr int64_t FULL = BITS == 8 ? GROUP : GROUP / 2;
     if (count == GROUP) {  // a whole group: one fixed-size copy (a vector load)
@@ -429,7 +520,7 @@ struct Code {
     } else {
       std::memcpy(bytes, c, BITS == 8 ? count : (count + 1) / 2);
     }
-    uint8_t codes[GROUP];
+    uint8_t codes[GROUP];  // one code a byte
     if constexpr (BITS == 8) {
       std::memcpy(codes, bytes, GROUP);
     } else {  // nibbles: element 2j the low one of byte j
@@ -440,34 +531,57 @@ struct Code {
                                                   12, 28, 13, 29, 14, 30, 15, 31);
       store_raw(codes, all);
     }
+#if defined(__AVX512F__)
     for (int k = 0; k < NV; ++k) {
-      if constexpr (BITS == 8 && SIGNED) {
-        q[k] = __builtin_convertvector(load_raw<vi8>(codes + k * WF), VF);
-      } else {
-        q[k] = __builtin_convertvector(load_raw<vu8>(codes + k * WF), VF) - float(ZERO);
+      u[k] = lookup(__builtin_convertvector(load_raw<vu8>(codes + k * WF), vi32), table);
+    }
+#else
+    for (int k = 0; k < NV; ++k) {
+      for (int i = 0; i < WF; ++i) u[k][i] = table[codes[k * WF + i]];
+    }
+#endif
+  }
+  // Integer codes of NV vectors (lanes past `count` hold 0) -> the stored bytes at c. Built in
+  // registers and stored a vector at a time (a byte buffer written by vectors and copied out by
+  // a wider load stalls store forwarding); a row's last, partial group through a buffer.
+  static constexpr int PER = BITS == 8 ? WF : WF / 2;  // bytes a vector of codes fills
+  FOAM_INLINE static void store(uint8_t* c, int64_t count, const vi32* q) {
+    uint8_t buffer[GROUP];
+    uint8_t* out = count == GROUP ? c : buffer;
+    for (int k = 0; k < NV; ++k) {
+      const vi32 x = q[k] + ZERO;
+      if constexpr (BITS == 8) {
+        store_raw(out + k * PER, __builtin_convertvector(x, vu8));
+      } else {  // element 2j the low nibble of byte j: even lanes gather their odd neighbour
+        const vi32 pair = x | (swap_lanes<1>(x, std::make_index_sequence<WF>{}) << 4);
+        store_raw(out + k * PER, __builtin_convertvector(evens(pair), vu8h));
       }
     }
+    if (count != GROUP) std::memcpy(c, buffer, BITS == 8 ? count : (count + 1) / 2);
   }
-  // Integer codes of NV vectors (lanes past `count` hold 0) -> the stored bytes at c.
-  FOAM_INLINE static void store(uint8_t* c, int64_t count, const vi32* q) {
-    uint8_t codes[GROUP];
-    for (int k = 0; k < NV; ++k) {
-      store_raw(codes + k * WF, __builtin_convertvector(q[k] + ZERO, vu8));
-    }
-    if constexpr (BITS == 8) {
-      std::memcpy(c, codes, count == GROUP ? GROUP : count);
-    } else {
-      const vgroup8 all = load_raw<vgroup8>(codes);
-      const vhalf8 even = __builtin_shufflevector(all, all, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
-                                                  20, 22, 24, 26, 28, 30);
-      const vhalf8 odd = __builtin_shufflevector(all, all, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21,
-                                                 23, 25, 27, 29, 31);
-      uint8_t packed[GROUP / 2];
-      store_raw(packed, even | (odd << 4));
-      std::memcpy(c, packed, count == GROUP ? GROUP / 2 : (count + 1) / 2);
-    }
+  template <std::size_t... J>
+  static auto evens_(vi32 x, std::index_sequence<J...>) {
+    return __builtin_shufflevector(x, x, (2 * J)...);
   }
+  static auto evens(vi32 x) { return evens_(x, std::make_index_sequence<WF / 2>{}); }
 };
+
+// Every lane gets the largest lane (no lane NaN) / the OR of all lanes: butterflies, as group_sum.
+template <int S = WF / 2>
+inline VF lanes_max(VF x) {
+  if constexpr (S >= 1) {
+    const VF y = swap_lanes<S>(x, std::make_index_sequence<WF>{});
+    return lanes_max<S / 2>(y > x ? y : x);
+  }
+  return x;
+}
+template <int S = WF / 2>
+inline vi32 lanes_or(vi32 x) {
+  if constexpr (S >= 1) {
+    return lanes_or<S / 2>(x | swap_lanes<S>(x, std::make_index_sequence<WF>{}));
+  }
+  return x;
+}
 
 // codec.encode_signed / encode_square of one group: x[0..count) (lanes past it read as 0, which
 // raises no absmax and codes to 0) -> integer codes q (NV vectors), returns the scale.
@@ -490,13 +604,8 @@ FOAM_INLINE float encode_group(const float* x, int64_t count, vi32* q, bool stoc
     smax = base[k] > smax ? base[k] : smax;
     nan |= base[k] != base[k];
   }
-  float s = 0.0f;
-  bool any_nan = false;
-  for (int i = 0; i < WF; ++i) {
-    s = smax[i] > s ? smax[i] : s;
-    any_nan |= nan[i] != 0;
-  }
-  if (any_nan) s = __builtin_nanf("");  // torch.amax propagates NaN
+  float s = lanes_max(smax)[0];  // >= +0: smax's lanes start at +0 and hold no NaN
+  if (lanes_or(nan)[0]) s = __builtin_nanf("");  // torch.amax propagates NaN
   const float inv = s > 0.0f ? 1.0f / s : 0.0f;
   for (int k = 0; k < NV; ++k) {
     VF t, z;
@@ -546,14 +655,15 @@ struct QuantState {
   int64_t nb, ng, row_bytes;  // blocks, groups and code bytes per row
   uint32_t seed;              // stochastic rounding: hash32(4 * step + salt)
   bool stochastic;
+  const float* table = C::table();
 
   // b0 is a multiple of GROUP: the group b0 / GROUP of `row`, count <= GROUP blocks.
   FOAM_INLINE float* open(int64_t row, int64_t b0, int64_t count, float* scratch) const {
     const float s = scales[row * ng + b0 / GROUP];
-    VF q[NV];
-    C::load(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, q);
+    VF units[NV];
+    C::units(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, table, units);
     for (int k = 0; k < NV; ++k) {
-      const VF u = C::unit(q[k]) * s;
+      const VF u = units[k] * s;
       store_raw(scratch + k * WF, SIGNED ? u : u * u);
     }
     return scratch;
@@ -591,6 +701,9 @@ template <class T>
 struct Scalars {
   T b1, omb1, b2, omb2, eps, rho, rho2, cwd, gsign, decay, step_size, inv_sqrt_bc2;
   int64_t t;  // the step count, as an integer (stochastic rounding's counter)
+  // Run-time options: a branch the loops hoist, where template parameters would multiply the
+  // library's instances (and its build time) by four.
+  bool ams, coupled;
 };
 
 template <class T>
@@ -613,6 +726,8 @@ Scalars<T> scalars(const HyperIn& h, const Desc& d) {
   s.step_size = T(h.lr * alpha / bc1);
   s.inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
   s.t = int64_t(t);  // torch's float -> int64 cast truncates too
+  s.ams = h.amsgrad != 0;
+  s.coupled = !h.decoupled && h.weight_decay != 0.0;
   return s;
 }
 
@@ -658,8 +773,8 @@ struct States<4, float> : GroupedStates<4> {
 
 // ------------------------------------------------------------------------------- the kernel
 // S: the parameter's storage; FMT: the moments' (0, 8, 4); R: the correction's (NoCorr, int8_t,
-// int16_t).
-template <class S, bool AMS, bool COUPLED, int FMT, class R>
+// int16_t). Amsgrad and coupled decay are run-time flags (Scalars).
+template <class S, int FMT, class R>
 struct Kernel {
   using PIO = Param<S>;
   using WIO = Weights<S, R>;
@@ -672,7 +787,7 @@ struct Kernel {
   // The gradient the moments see: maximize's sign, Adam's coupled decay.
   static V grad(const S* g, const S* p, const R* corr, const Scalars<T>& c) {
     V x = PIO::load(g) * c.gsign;
-    if constexpr (COUPLED) x += c.cwd * WIO::load(p, corr);
+    if (c.coupled) x += c.cwd * WIO::load(p, corr);
     return x;
   }
 
@@ -700,7 +815,7 @@ struct Kernel {
     L::store(m, mn);
     L::store(v, vn);
     V vu = vn;
-    if constexpr (AMS) {
+    if (c.ams) {
       V old = L::load(vm);
       vu = old > vn ? old : vn;
       L::store(vm, vu);
@@ -725,7 +840,7 @@ struct Kernel {
     T scratch[3][St::M::SCRATCH];
     T* m = st.m.open(row, b0, nblk, scratch[0]);
     T* v = st.v.open(row, b0, nblk, scratch[1]);
-    T* vm = AMS ? st.vm.open(row, b0, nblk, scratch[2]) : nullptr;
+    T* vm = c.ams ? st.vm.open(row, b0, nblk, scratch[2]) : nullptr;
     const V inv_b = splat<V>(T(1) / T(B));
     int64_t e = c0;
     for (; e < full_end; e += W) {
@@ -737,7 +852,7 @@ struct Kernel {
         __builtin_prefetch(v + b + PREFETCH / sizeof(S) / B, 1);
       }
       small_vec<B>(p + e, g + e, CORR ? corr + e : nullptr, m + b, v + b,
-                   AMS ? vm + b : nullptr, inv_b, c);
+                   c.ams ? vm + b : nullptr, inv_b, c);
     }
     if (e < c1) {  // the row's last vector: through zero-padded copies
       const int t = int(c1 - e), nt = (t + B - 1) / B;
@@ -756,7 +871,7 @@ struct Kernel {
       if constexpr (CORR) std::memcpy(cb, corr + e, t * sizeof(R));
       std::memcpy(mb, m + b, nt * sizeof(T));
       std::memcpy(vb, v + b, nt * sizeof(T));
-      if (AMS) std::memcpy(vmb, vm + b, nt * sizeof(T));
+      if (c.ams) std::memcpy(vmb, vm + b, nt * sizeof(T));
       V inv_c;
       for (int i = 0; i < W; ++i) {
         int count = std::min(B, t - (i / B) * B);
@@ -767,11 +882,11 @@ struct Kernel {
       if constexpr (CORR) std::memcpy(corr + e, cb, t * sizeof(R));
       std::memcpy(m + b, mb, nt * sizeof(T));
       std::memcpy(v + b, vb, nt * sizeof(T));
-      if (AMS) std::memcpy(vm + b, vmb, nt * sizeof(T));
+      if (c.ams) std::memcpy(vm + b, vmb, nt * sizeof(T));
     }
     st.m.commit(row, b0, nblk, m);
     st.v.commit(row, b0, nblk, v);
-    if (AMS) st.vm.commit(row, b0, nblk, vm);
+    if (c.ams) st.vm.commit(row, b0, nblk, vm);
   }
 
   // ---- B > W: a block is several vectors; sum them pairwise, then write p in a second pass.
@@ -829,7 +944,7 @@ struct Kernel {
     m = mn;
     v = vn;
     T vu = vn;
-    if constexpr (AMS) {
+    if (c.ams) {
       vu = *vm > vn ? *vm : vn;
       *vm = vu;
     }
@@ -857,15 +972,15 @@ struct Kernel {
     T scratch[3][St::M::SCRATCH];
     T* m = st.m.open(row, b0, nblk, scratch[0]);
     T* v = st.v.open(row, b0, nblk, scratch[1]);
-    T* vm = AMS ? st.vm.open(row, b0, nblk, scratch[2]) : nullptr;
+    T* vm = c.ams ? st.vm.open(row, b0, nblk, scratch[2]) : nullptr;
     for (int64_t j = 0; j < nblk; ++j) {
       const int64_t e = c0 + j * B;
       large_block(p + e, g + e, CORR ? corr + e : nullptr, std::min(B, c1 - e), m[j], v[j],
-                  AMS ? vm + j : nullptr, c);
+                  c.ams ? vm + j : nullptr, c);
     }
     st.m.commit(row, b0, nblk, m);
     st.v.commit(row, b0, nblk, v);
-    if (AMS) st.vm.commit(row, b0, nblk, vm);
+    if (c.ams) st.vm.commit(row, b0, nblk, vm);
   }
 
   // Elements [e0, e1) of the flattened [rows, n] parameter (cut where partition() cuts: at row
@@ -894,9 +1009,9 @@ struct Kernel {
 // ---------------------------------------------------------------------------------- dispatch
 typedef void (*RangeFn)(const Desc&, const HyperIn&, int64_t, int64_t);
 
-template <class S, bool AMS, bool COUPLED, int FMT, class R>
+template <class S, int FMT, class R>
 RangeFn pick_level(int64_t level) {
-  using K = Kernel<S, AMS, COUPLED, FMT, R>;
+  using K = Kernel<S, FMT, R>;
   constexpr int W = K::W;
   switch (level) {
     case 0:
@@ -919,58 +1034,48 @@ RangeFn pick_level(int64_t level) {
   return &K::template range<0>;  // B > W
 }
 
-template <class S, int FMT, class R>
-RangeFn pick_options(int64_t level, bool ams, bool coupled) {
-  if (ams) {
-    return coupled ? pick_level<S, true, true, FMT, R>(level)
-                   : pick_level<S, true, false, FMT, R>(level);
-  }
-  return coupled ? pick_level<S, false, true, FMT, R>(level)
-                 : pick_level<S, false, false, FMT, R>(level);
-}
-
 // float compute: every format; the 16-bit storages also with correction bits
 template <class S, class R>
-RangeFn pick_format(const Desc& d, bool ams, bool coupled) {
+RangeFn pick_format(const Desc& d) {
   switch (d.format) {
     case 0:
-      return pick_options<S, 0, R>(d.level, ams, coupled);
+      return pick_level<S, 0, R>(d.level);
     case 8:
-      return pick_options<S, 8, R>(d.level, ams, coupled);
+      return pick_level<S, 8, R>(d.level);
     case 4:
-      return pick_options<S, 4, R>(d.level, ams, coupled);
+      return pick_level<S, 4, R>(d.level);
     default:
       return nullptr;
   }
 }
 
 template <class S>
-RangeFn pick_corr(const Desc& d, bool ams, bool coupled) {
+RangeFn pick_corr(const Desc& d) {
   switch (d.corr_bits) {
     case 0:
-      return pick_format<S, NoCorr>(d, ams, coupled);
+      return pick_format<S, NoCorr>(d);
     case 8:
-      return pick_format<S, int8_t>(d, ams, coupled);
+      return pick_format<S, int8_t>(d);
     case 16:
-      return pick_format<S, int16_t>(d, ams, coupled);
+      return pick_format<S, int16_t>(d);
     default:
       return nullptr;
   }
 }
 
-RangeFn pick(const Desc& d, bool ams, bool coupled) {
+RangeFn pick(const Desc& d) {
   if (d.format != 0 && (d.format != 8 && d.format != 4)) return nullptr;
   switch (d.dtype) {
     case F32:
-      return d.corr_bits ? nullptr : pick_format<float, NoCorr>(d, ams, coupled);
+      return d.corr_bits ? nullptr : pick_format<float, NoCorr>(d);
     case BF16:
-      return pick_corr<bf16>(d, ams, coupled);
+      return pick_corr<bf16>(d);
 #if defined(__AVX512F__) || (defined(__F16C__) && defined(__AVX__))
     case F16:
-      return pick_corr<f16>(d, ams, coupled);
+      return pick_corr<f16>(d);
 #endif
     case F64:  // float64 moments only (the grouped formats' arithmetic is float32)
-      return d.corr_bits || d.format ? nullptr : pick_options<double, 0, NoCorr>(d.level, ams, coupled);
+      return d.corr_bits || d.format ? nullptr : pick_level<double, 0, NoCorr>(d.level);
     default:
       return nullptr;
   }
@@ -1042,7 +1147,7 @@ FOAM_API int foam_cpu_lanes(int dtype) {
 FOAM_API int foam_cpu_supports_dtype(int dtype) {
   Desc d{};
   d.dtype = dtype;
-  return pick(d, false, false) != nullptr;
+  return pick(d) != nullptr;
 }
 
 // Steps `count` parameters described by `descs` (20 int64 each, see Desc); with `increment`, adds
@@ -1055,13 +1160,12 @@ FOAM_API int foam_cpu_step(const int64_t* descs, int64_t count, double lr, doubl
   const Desc* ds = reinterpret_cast<const Desc*>(descs);
   const HyperIn h{lr, beta1, beta2, eps, weight_decay, scale, res_scale,
                   decoupled, amsgrad, maximize};
-  const bool coupled = !decoupled && weight_decay != 0.0;
   RangeFn stack_fns[64];
   RangeFn* fns = count <= 64 ? stack_fns : new RangeFn[count];
   double total = 0;
   int64_t elements = 0;
   for (int64_t i = 0; i < count; ++i) {
-    fns[i] = pick(ds[i], amsgrad != 0, coupled);
+    fns[i] = pick(ds[i]);
     if (!fns[i] || ds[i].n <= 0 || ds[i].rows < 0 || ds[i].level < 0 || ds[i].level > 30) {
       if (fns != stack_fns) delete[] fns;
       return int(i) + 1;
