@@ -64,7 +64,6 @@ struct Vec {
   static constexpr int W = VBYTES / int(sizeof(T));
 };
 
-typedef uint16_t vu16 __attribute__((vector_size(VBYTES / 2)));
 
 template <class V, class T>
 inline V splat(T x) {
@@ -135,6 +134,38 @@ inline VF vabs(VF x) {
   return x;
 }
 
+// WF integers of 1 or 2 bytes <-> int32 lanes (zero- or sign-extended by R's signedness; narrowed
+// by truncation: callers pass values that fit). GCC lowers these vector conversions a lane at a
+// time (a byte extract and an insert each) where the ISA has one instruction for the whole.
+template <class R>
+struct Ints {
+  typedef R vr __attribute__((vector_size(WF * sizeof(R))));
+  static vi32 widen(const R* p) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(R) == 1) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)p);
+      return (vi32)(std::is_signed<R>::value ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+    } else {
+      const __m256i h = _mm256_loadu_si256((const __m256i*)p);
+      return (vi32)(std::is_signed<R>::value ? _mm512_cvtepi16_epi32(h) : _mm512_cvtepu16_epi32(h));
+    }
+#else
+    return __builtin_convertvector(load_raw<vr>(p), vi32);
+#endif
+  }
+  static void narrow(R* p, vi32 x) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(R) == 1) {
+      _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8((__m512i)x));
+    } else {
+      _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16((__m512i)x));
+    }
+#else
+    store_raw(p, __builtin_convertvector(x, vr));
+#endif
+  }
+};
+
 // ------------------------------------------------------------------ parameter storage policies
 // `Param<S>`: S is the storage type of p and g; T the compute type. load/store move W lanes.
 struct bf16 {
@@ -172,7 +203,7 @@ struct Param<bf16> {
     // One widening load (GCC splits __builtin_convertvector of 16 bytes into two halves).
     return (V)_mm256_slli_epi32(_mm256_cvtepu16_epi32(load_raw<__m128i>(p)), 16);
 #else
-    vu32 w = __builtin_convertvector(load_raw<vu16>(p), vu32) << 16;
+    vu32 w = (vu32)Ints<uint16_t>::widen(reinterpret_cast<const uint16_t*>(p)) << 16;
     V x;
     std::memcpy(&x, &w, sizeof x);
     return x;
@@ -191,7 +222,7 @@ struct Param<bf16> {
     __m256i packed = _mm256_packus_epi32((__m256i)r, (__m256i)r);
     store_raw(p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
 #else
-    store_raw(p, __builtin_convertvector(r, vu16));
+    Ints<uint16_t>::narrow(reinterpret_cast<uint16_t*>(p), (vi32)r);
 #endif
   }
 };
@@ -248,7 +279,6 @@ struct Weights {  // with a correction
   static constexpr int LOW = 128 - Format16<S>::BIAS > 1 ? 128 - Format16<S>::BIAS : 1;
   static constexpr float Q = sizeof(R) == 1 ? 127.0f : 32767.0f;
   static constexpr float INV_Q = 1.0f / Q;  // float32(1 / Q), as master_weights.INV_Q
-  typedef R vr __attribute__((vector_size(W * sizeof(R))));
 
   // 2**k for k in [-149, 127], from its bits (master_weights._pow2)
   static V pow2(vi32 k) {
@@ -275,8 +305,7 @@ struct Weights {  // with a correction
     const V x = PIO::load(p);
     vi32 k = half_ulp_exp(x);
     k = k > 127 ? splat<vi32>(127) : k;
-    // through int32 lanes: a direct int8/int16 -> float conversion is one scalar op a lane
-    const V c = __builtin_convertvector(__builtin_convertvector(load_raw<vr>(rho), vi32), V) * INV_Q;
+    const V c = __builtin_convertvector(Ints<R>::widen(rho), V) * INV_Q;
     return x + c * pow2(k);
   }
   static void store(S* p, R* rho, V theta) {
@@ -290,7 +319,7 @@ struct Weights {  // with a correction
     t = t > Q ? splat<V>(Q) : t;
     const vi32 finite = vabs(r) <= Format16<S>::MAX;  // p16 is neither inf nor nan
     t = finite ? t : splat<V>(0.0f);
-    store_raw(rho, __builtin_convertvector(__builtin_convertvector(t, vi32), vr));
+    Ints<R>::narrow(rho, __builtin_convertvector(t, vi32));
   }
 };
 
@@ -533,7 +562,7 @@ struct Code {
     }
 #if defined(__AVX512F__)
     for (int k = 0; k < NV; ++k) {
-      u[k] = lookup(__builtin_convertvector(load_raw<vu8>(codes + k * WF), vi32), table);
+      u[k] = lookup(Ints<uint8_t>::widen(codes + k * WF), table);
     }
 #else
     for (int k = 0; k < NV; ++k) {
@@ -551,10 +580,14 @@ struct Code {
     for (int k = 0; k < NV; ++k) {
       const vi32 x = q[k] + ZERO;
       if constexpr (BITS == 8) {
-        store_raw(out + k * PER, __builtin_convertvector(x, vu8));
+        Ints<uint8_t>::narrow(out + k * PER, x);
       } else {  // element 2j the low nibble of byte j: even lanes gather their odd neighbour
         const vi32 pair = x | (swap_lanes<1>(x, std::make_index_sequence<WF>{}) << 4);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+        _mm_storel_epi64((__m128i*)(out + k * PER), _mm256_cvtepi32_epi8((__m256i)evens(pair)));
+#else
         store_raw(out + k * PER, __builtin_convertvector(evens(pair), vu8h));
+#endif
       }
     }
     if (count != GROUP) std::memcpy(c, buffer, BITS == 8 ? count : (count + 1) / 2);
