@@ -235,15 +235,12 @@ def store_state(ptr, idx, x, mask, MASKED: tl.constexpr, FMT: tl.constexpr):
 # correctly rounded (div_rn, sqrt_rn), rint half to even, the group max the only reduction.
 # A tile of a grouped format holds whole groups: BB is a multiple of QGROUP and tiles start at
 # multiples of BB within a row, so each group's scale is made in registers.
-@triton.jit
-def _levels(FMT: tl.constexpr, SIGNED: tl.constexpr):
-    if FMT == 1:
-        L: tl.constexpr = 127.0 if SIGNED else 255.0
-    else:
-        L: tl.constexpr = 7.0 if SIGNED else 15.0
-    return L
-
-
+# The largest code ``L`` (QLEVELS) is a constexpr expression where it is used, not the return of
+# a jit helper: Triton 3.6 does not fold a call that returns a constexpr, so ``L: tl.constexpr =
+# helper()`` wraps a runtime f32 of the caller; passed to ``_signed_t`` it is baked into the
+# callee as a value of another function ("'tt.splat' op using value defined outside the
+# region"), and ``-L`` runs a tensor operator outside the JIT ("Did you forget to add
+# @triton.jit"). Triton 3.9 folds the call; the code is the same either way.
 @triton.jit
 def rint(z):
     """Round half to even (``torch.round``) from ``floor``: ``z - floor(z)`` is exact here."""
@@ -273,7 +270,7 @@ def uniform(idx, seed):
 
 
 @triton.jit
-def _signed_t(q, L):
+def _signed_t(q, L: tl.constexpr):
     y = tl.div_rn(q, L)
     return tl.div_rn(y, 2.0 - tl.abs(y))
 
@@ -302,7 +299,7 @@ def load_moment(
         x = load_state(ptr, sidx, bmask, MASKED, FMT)
     else:
         NG: tl.constexpr = BB // 32
-        L: tl.constexpr = _levels(FMT, SIGNED)
+        L: tl.constexpr = (127.0 if SIGNED else 255.0) if FMT == 1 else (7.0 if SIGNED else 15.0)
         gi = tl.arange(0, NG)
         if MASKED:
             s = tl.load(sc_ptr + gbase + gi, mask=gi * (32 * B) < n_valid, other=0.0)
@@ -361,7 +358,7 @@ def store_moment(
         store_state(ptr, sidx, x, bmask, MASKED, FMT)
     else:
         NG: tl.constexpr = BB // 32
-        L: tl.constexpr = _levels(FMT, SIGNED)
+        L: tl.constexpr = (127.0 if SIGNED else 255.0) if FMT == 1 else (7.0 if SIGNED else 15.0)
         xg = tl.reshape(x, (NG, 32))
         # tl.max does not propagate NaN: a group holding one takes it through a sum instead
         nan = tl.sum(tl.where(xg != xg, xg, 0.0), axis=1)
