@@ -252,7 +252,20 @@ def residual_energies(grad: Tensor, max_level: int) -> tuple[Tensor, Tensor]:
     return torch.stack(out), total
 
 
-class ErrorMeter:
+class GradFeed:
+    """What a meter fed once per step adds to its ``update(key, grad)``."""
+
+    def update_from(self, named_params: Iterable[tuple[Hashable, Tensor]]) -> int:
+        """``update(name, p.grad)`` for every parameter that has a gradient; returns how many."""
+        fed = 0
+        for key, p in named_params:
+            if p.grad is not None:
+                self.update(key, p.grad)
+                fed += 1
+        return fed
+
+
+class ErrorMeter(GradFeed):
     """Per-parameter residual share of gradient energy, for every level ``0..max_level``.
 
     Feed it ``update(key, grad)`` once per calibration step (``key``: the parameter's name). It
@@ -282,15 +295,6 @@ class ErrorMeter:
         else:
             self._residual[key], self._energy[key] = residual, energy
         self._steps[key] = self._steps.get(key, 0) + 1
-
-    def update_from(self, named_params: Iterable[tuple[Hashable, Tensor]]) -> int:
-        """``update(name, p.grad)`` for every parameter that has a gradient; returns how many."""
-        fed = 0
-        for key, p in named_params:
-            if p.grad is not None:
-                self.update(key, p.grad)
-                fed += 1
-        return fed
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._residual

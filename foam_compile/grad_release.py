@@ -37,20 +37,11 @@ import torch
 from torch import Tensor
 
 from .distributed import is_dtensor
+from .memory import params_of
 
 __all__ = ["CLIP_MODES", "GradientRelease", "release_gradients"]
 
 CLIP_MODES = ("param", "previous")
-
-
-def _params_of(model) -> list[Tensor]:
-    params = model.parameters() if hasattr(model, "parameters") else model
-    out, seen = [], set()
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 class GradientRelease:
@@ -235,7 +226,7 @@ def release_gradients(
     known before its first gradient is freed. ``release.accumulate()`` runs micro-batches that
     only accumulate. Checkpoint with ``release.state_dict()`` (or the optimizer's own).
     """
-    params = [p for p in _params_of(model) if p.requires_grad]
+    params = [p for p in params_of(model) if p.requires_grad]
     if not isinstance(optimizer, torch.optim.Optimizer):
         if not callable(optimizer):
             raise TypeError(

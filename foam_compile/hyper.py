@@ -8,6 +8,7 @@ that a value changed by hand between steps is checked before any tensor is writt
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -21,34 +22,75 @@ from .master_weights import check_option as check_master_weights
 __all__ = [
     "GROUP_DEFAULTS",
     "MAX_LEVEL",
+    "OP_KWARGS",
     "OP_SCALARS",
+    "OP_SCHEMA_TAIL",
     "Hyper",
     "check_level",
     "check_options",
+    "op_hyper",
+    "op_kwargs",
     "op_scalars",
+    "op_signature",
 ]
 
-#: The scalar hyperparameters the step ops take as named arguments, ``lr`` apart (the ops split it
-#: into a number and an optional tensor: op schemas have no union type).
-OP_SCALARS = (
-    "beta1",
-    "beta2",
-    "eps",
-    "weight_decay",
-    "decoupled_weight_decay",
-    "amsgrad",
-    "maximize",
-    "scale",
-    "res_scale",
+#: The step ops' keyword-only arguments and their types, one table for every op's schema: ``lr``,
+#: then the scalar hyperparameters (:data:`OP_SCALARS`). Each op takes, last of its positional
+#: arguments, ``Tensor? lr_tensor``, the learning rate when it is a tensor (it then wins over
+#: ``lr``: op schemas have no union type; torch.library refuses keyword-only tensors).
+OP_KWARGS = {
+    "lr": float,
+    "beta1": float,
+    "beta2": float,
+    "eps": float,
+    "weight_decay": float,
+    "decoupled_weight_decay": bool,
+    "amsgrad": bool,
+    "maximize": bool,
+    "scale": float,
+    "res_scale": float,
+}
+OP_SCALARS = tuple(OP_KWARGS)[1:]
+#: The end of a step op's schema string: ``lr_tensor`` and :data:`OP_KWARGS`.
+OP_SCHEMA_TAIL = "Tensor? lr_tensor, *, " + ", ".join(
+    f"{kind.__name__} {name}" for name, kind in OP_KWARGS.items()
 )
 
 
+def op_signature(impl):
+    """``impl`` (``def impl(<annotated tensor arguments>, lr_tensor, **kwargs)``) with the
+    signature from which torch.library infers its op's schema: its own parameters, then
+    :data:`OP_KWARGS` as keyword-only parameters."""
+    sig = inspect.signature(impl)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    tail = [inspect.Parameter(name, kw, annotation=t) for name, t in OP_KWARGS.items()]
+    impl.__signature__ = sig.replace(parameters=[*own, *tail])
+    return impl
+
+
 def op_scalars(source) -> dict:
-    """``{name: value}`` for :data:`OP_SCALARS`, read from a :class:`Hyper` or from an op's
-    arguments (its ``locals()``), so that no op restates the list."""
+    """``{name: value}`` for :data:`OP_SCALARS`, read from a :class:`Hyper` or from a mapping
+    (an op's keyword arguments), so that no op restates the list."""
     if isinstance(source, Mapping):
         return {name: source[name] for name in OP_SCALARS}
     return {name: getattr(source, name) for name in OP_SCALARS}
+
+
+def op_kwargs(hp: Hyper) -> dict:
+    """A step op's ``lr_tensor`` and :data:`OP_KWARGS` for ``hp`` (its lr a number or a tensor),
+    as keyword arguments."""
+    lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
+    lr = 0.0 if lr_tensor is not None else float(hp.lr)
+    return dict(lr_tensor=lr_tensor, lr=lr, **op_scalars(hp))
+
+
+def op_hyper(lr_tensor: Tensor | None, kwargs: Mapping) -> dict:
+    """A step op's ``lr_tensor`` and keyword arguments (:data:`OP_KWARGS`) as the launchers and
+    :class:`Hyper` take them: one ``lr`` (the tensor when given, else the number) and
+    :data:`OP_SCALARS`."""
+    lr = kwargs["lr"] if lr_tensor is None else lr_tensor
+    return dict(lr=lr, **op_scalars(kwargs))
 
 
 # Keys FOAM adds to a param group, with the values a converted stock optimizer gets.

@@ -114,13 +114,14 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
-    out, seen = [], set()
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
+def unique(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """``tensors`` in order, each once (a tied weight is one tensor)."""
+    return list({id(t): t for t in tensors}.values())
+
+
+def params_of(model) -> list[Tensor]:
+    """The distinct parameters of a module, or of an iterable of tensors."""
+    return unique(model.parameters() if hasattr(model, "parameters") else model)
 
 
 def _adamw_bytes(params: list[Tensor]) -> dict[str, int]:
@@ -176,7 +177,7 @@ def memory_report(model, optimizer) -> MemoryReport:
     """
     release = optimizer if hasattr(optimizer, "_on_grad") else None
     opt = release.optimizer if release is not None else optimizer
-    params = _unique(model.parameters() if hasattr(model, "parameters") else model)
+    params = params_of(model)
     in_model = {id(p) for p in params}
     count = _Counter()
     out = dict.fromkeys(ROWS, 0)
@@ -186,7 +187,7 @@ def memory_report(model, optimizer) -> MemoryReport:
     dtypes = sorted({_name(p.dtype) for p in params})
     details["weights"] = ", ".join(dtypes)
 
-    opt_params = _unique(p for g in opt.param_groups for p in g["params"])
+    opt_params = unique(p for g in opt.param_groups for p in g["params"])
     copies = [p for p in opt_params if id(p) not in in_model]
     rho = [st[RHO_KEY] for st in opt.state.values() if RHO_KEY in st]
     out["master weights"] = sum(count(t) for t in rho) + sum(count(p) for p in copies)

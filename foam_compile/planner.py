@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .cost_model import (
     QUANT_ERROR_PRIOR,
     ErrorMeter,
+    GradFeed,
     MomentMeter,
     cost,
     max_useful_level,
@@ -580,7 +581,7 @@ def calibrate_meter(
     return meter.errors_meter if isinstance(meter, _Both) else meter
 
 
-class _Both:
+class _Both(GradFeed):
     """Feeds an :class:`ErrorMeter` and a :class:`MomentMeter` the same gradients."""
 
     def __init__(self, errors_meter: ErrorMeter, moments: MomentMeter):
@@ -589,14 +590,6 @@ class _Both:
     def update(self, key, grad) -> None:
         self.errors_meter.update(key, grad)
         self.moments.update(key, grad)
-
-    def update_from(self, named) -> int:
-        fed = 0
-        for key, p in named:
-            if p.grad is not None:
-                self.update(key, p.grad)
-                fed += 1
-        return fed
 
 
 def plan(

@@ -34,7 +34,7 @@ from ..hyper import Hyper
 from ..master_weights import uses_correction
 from ..state import StateFormat, format_of
 
-__all__ = ["Backend", "plan", "prepare", "register", "registered", "select"]
+__all__ = ["Backend", "plan", "prepare", "register", "registered", "select", "step_lists"]
 
 log = logging.getLogger("foam_compile")
 
@@ -73,6 +73,22 @@ def register(
 def registered() -> list[str]:
     """Backend names in the order :func:`select` asks them."""
     return [b.name for b in _REGISTRY]
+
+
+def step_lists(
+    params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
+):
+    """The step ops' first six arguments (``foam::cpu_step_``, ``foam::adam_step_grouped_``):
+    parameters, gradients, the moments of ``states`` (the max one only with amsgrad) and their
+    step counts, as lists."""
+    return (
+        list(params),
+        list(grads),
+        [st["exp_avg"] for st in states],
+        [st["exp_avg_sq"] for st in states],
+        [st["max_exp_avg_sq"] for st in states] if hp.amsgrad else [],
+        [st["step"] for st in states],
+    )
 
 
 def _load(entry: Backend) -> ModuleType | None:

@@ -17,20 +17,19 @@ kernel cannot read (a non-contiguous moment, say) runs the plain-torch update in
 gradients with unit last stride are read in place, others copied.
 """
 
-# ruff: noqa: UP045 - the op's signature mirrors its schema (Optional[Tensor]).
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import master_weights
 from ..formats.grouped import GroupedFormat
-from ..hyper import Hyper, op_scalars
+from ..hyper import OP_SCHEMA_TAIL, Hyper, op_hyper, op_kwargs
 from ..kernels import cpu as kernel
 from ..reference import effective_level
 from ..state import StateFormat, format_of, get_format
 from ..update import foam_update_, moments_of
+from . import step_lists
 
 __all__ = ["DTYPES", "INCREMENTS_STEPS", "MASTER_WEIGHTS", "cpu_step_", "step_", "supports"]
 
@@ -81,35 +80,19 @@ def step_(
     params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], hp: Hyper
 ) -> None:
     """The whole list in one op call (one kernel call, threads over all of its rows)."""
-    lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
     fmts = [st.get("foam_format", "fp32") for st in states]
     grouped = [st for st, f in zip(states, fmts) if f != "fp32"]
     corrected = [master_weights.RHO_KEY in st for st in states]
     torch.ops.foam.cpu_step_(
-        list(params),
-        list(grads),
-        [st["exp_avg"] for st in states],
-        [st["exp_avg_sq"] for st in states],
-        [st["max_exp_avg_sq"] for st in states] if hp.amsgrad else [],
-        [st["step"] for st in states],
+        *step_lists(params, grads, states, hp),
         [effective_level(p.shape, st["foam_level"]) for p, st in zip(params, states)],
-        0.0 if lr_tensor is not None else float(hp.lr),
-        lr_tensor,
-        hp.beta1,
-        hp.beta2,
-        hp.eps,
-        hp.weight_decay,
-        hp.decoupled_weight_decay,
-        hp.amsgrad,
-        hp.maximize,
-        hp.scale,
-        hp.res_scale,
         fmts if grouped else [],
         [st["exp_avg_scale"] for st in grouped],
         [st["exp_avg_sq_scale"] for st in grouped],
         [st["max_exp_avg_sq_scale"] for st in grouped] if hp.amsgrad else [],
         corrected if any(corrected) else [],
         [st[master_weights.RHO_KEY] for st, c in zip(states, corrected) if c],
+        **op_kwargs(hp),
     )
 
 
@@ -123,10 +106,9 @@ _LIB = torch.library.Library("foam", "FRAGMENT")
 _LIB.define(
     "cpu_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] levels, "
-    "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
-    "bool decoupled_weight_decay, bool amsgrad, bool maximize, float scale, float res_scale, "
     "str[] formats, Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, "
-    "Tensor(h!)[] max_exp_avg_sq_scales, bool[] corrected, Tensor(i!)[] corrections) -> ()"
+    "Tensor(h!)[] max_exp_avg_sq_scales, bool[] corrected, Tensor(i!)[] corrections, "
+    f"{OP_SCHEMA_TAIL}) -> ()"
 )
 
 
@@ -138,23 +120,14 @@ def cpu_step_(
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     levels: list[int],
-    lr: float,
-    lr_tensor: Optional[Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    scale: float,
-    res_scale: float,
     formats: list[str],
     exp_avg_scales: list[Tensor],
     exp_avg_sq_scales: list[Tensor],
     max_exp_avg_sq_scales: list[Tensor],
     corrected: list[bool],
     corrections: list[Tensor],
+    lr_tensor: Tensor | None,
+    **kwargs,
 ) -> None:
     """``foam::cpu_step_``: one FOAM step of ``params`` in place, step counts incremented first.
 
@@ -162,10 +135,13 @@ def cpu_step_(
     rate (read once per call) and ``lr`` is ignored. ``formats``: each parameter's state format
     name (empty: all ``fp32``); the ``*_scales`` lists hold the scales of the parameters not in
     ``fp32``, in order. ``corrected``: whether each parameter has correction bits (empty: none);
-    ``corrections`` holds them, in order. A parameter the kernel cannot read (see
-    :func:`foam_compile.kernels.cpu.describe`) runs the plain-torch update.
+    ``corrections`` holds them, in order. ``kwargs``: :data:`foam_compile.hyper.OP_KWARGS`. A
+    parameter the kernel cannot read (see :func:`foam_compile.kernels.cpu.describe`) runs the
+    plain-torch update.
     """
-    hyper = dict(lr=float(lr_tensor) if lr_tensor is not None else lr, **op_scalars(locals()))
+    hyper = op_hyper(lr_tensor, kwargs)
+    hyper["lr"] = float(hyper["lr"])  # a tensor lr is read once per call
+    amsgrad = hyper["amsgrad"]
     descs, keep, slow = [], [], []
     gi = ci = 0  # the next entries of the scale and correction lists
     for i, p in enumerate(params):
@@ -222,7 +198,7 @@ def _plain_step(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         fmt.write_(st, key, kind, value)
 
 
-def _fake(*args) -> None:
+def _fake(*args, **kwargs) -> None:
     return None  # writes its inputs in place, returns nothing
 
 

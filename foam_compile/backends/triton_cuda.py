@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..hyper import Hyper, op_scalars
+from ..hyper import Hyper, op_hyper, op_kwargs, op_signature
 from ..kernels.foam_adam import (
     MAX_LEVEL,
     SUPPORTED_DTYPES,
@@ -55,6 +55,7 @@ from ..kernels.tile import QGROUP, QLEVELS, STATE_INT4, STATE_INT8
 from ..master_weights import RHO_KEY
 from ..state import StateFormat, format_of, get_format
 from ..update import foam_update_
+from . import step_lists
 
 #: This backend steps parameters with correction bits (``backends.select``): its kernels read and
 #: write ``master_rho`` in the step's pass (tests/kernels/test_master_kernel.py).
@@ -74,7 +75,7 @@ _ONE_MUTATES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _GROUPED_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
 
-def kernel_supports(param: Tensor, grad: Optional[Tensor] = None, level: int = 0) -> bool:
+def kernel_supports(param: Tensor, grad: Tensor | None = None, level: int = 0) -> bool:
     """Whether the Triton kernel can take this parameter (device, dtypes, layout, level)."""
     device_ok = param.device.type == "cuda" or (param.device.type == "cpu" and is_interpreting())
     tensors = (param,) if grad is None else (param, grad)
@@ -120,30 +121,21 @@ def step_(
     """One grouped launch per (dtype, level) for the float32 states; one launch per parameter
     whose moments are grouped codes or that carries correction bits
     (``foam::adam_step_formats_``)."""
-    lr_tensor = hp.lr if isinstance(hp.lr, Tensor) else None
-    lr_value = float(hp.lr) if lr_tensor is None else 0.0
     plain = [i for i, st in enumerate(states) if "foam_format" not in st and RHO_KEY not in st]
     if len(plain) < len(states):
         plain = [i for i, st in enumerate(states) if _plain(st)]
         for i, st in enumerate(states):
             if not _plain(st):
-                _one_step(params[i], grads[i], st, lr_value, lr_tensor, hp)
+                _one_step(params[i], grads[i], st, hp)
         params = [params[i] for i in plain]
         grads = [grads[i] for i in plain]
         states = [states[i] for i in plain]
     if not params:
         return
     torch.ops.foam.adam_step_grouped_(
-        list(params),
-        list(grads),
-        [st["exp_avg"] for st in states],
-        [st["exp_avg_sq"] for st in states],
-        [st["max_exp_avg_sq"] for st in states] if hp.amsgrad else [],
-        [st["step"] for st in states],
+        *step_lists(params, grads, states, hp),
         [st["foam_level"] for st in states],
-        lr_value,
-        lr_tensor,
-        **op_scalars(hp),
+        **op_kwargs(hp),
     )
 
 
@@ -151,7 +143,7 @@ def _plain(st: dict) -> bool:
     return format_of(st).name == "fp32" and RHO_KEY not in st
 
 
-def _one_step(p, g, st, lr_value, lr_tensor, hp: Hyper) -> None:
+def _one_step(p, g, st, hp: Hyper) -> None:
     """``foam::adam_step_formats_``: one parameter with grouped codes or correction bits."""
     fmt = format_of(st)
     ams = hp.amsgrad
@@ -169,9 +161,7 @@ def _one_step(p, g, st, lr_value, lr_tensor, hp: Hyper) -> None:
         fmt.name,
         st["step"],
         st["foam_level"],
-        lr_value,
-        lr_tensor,
-        **op_scalars(hp),
+        **op_kwargs(hp),
     )
 
 
@@ -201,6 +191,20 @@ def _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, level,
     foam_update_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, level, hp)
 
 
+def _no_output(*args, **kwargs) -> None:
+    """The ops' fake: they write their inputs in place and return nothing to describe."""
+    return None
+
+
+def _op(name: str, impl, mutates, kind=torch.library.triton_op):
+    """``foam::<name>`` from ``impl``: its annotated tensor arguments and ``lr_tensor``, then the
+    keyword-only :data:`foam_compile.hyper.OP_KWARGS` (the schema is inferred from the
+    signature)."""
+    op = kind(f"foam::{name}", op_signature(impl), mutates_args=mutates)
+    op.register_fake(_no_output)
+    return op
+
+
 # ----------------------------------------------------------------------------- one tensor
 def _adam_step_impl(
     param: Tensor,
@@ -210,25 +214,12 @@ def _adam_step_impl(
     max_exp_avg_sq: Optional[Tensor],
     step: float,
     step_tensor: Optional[Tensor],
-    lr: float,
-    lr_tensor: Optional[Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
     level: int,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    scale: float,
-    res_scale: float,
+    lr_tensor: Optional[Tensor],
+    **kwargs,
 ) -> None:
-    kw = dict(
-        step=step if step_tensor is None else step_tensor,
-        lr=lr if lr_tensor is None else lr_tensor,
-        level=level,
-        **op_scalars(locals()),
-    )
+    step = step if step_tensor is None else step_tensor
+    kw = dict(step=step, level=level, **op_hyper(lr_tensor, kwargs))
     # The interpreter runs on real memory and cannot be traced: when torch.compile traces this op
     # on CPU, the plain-torch body is what it sees.
     if kernel_supports(param, grad, level) and not (is_interpreting() and is_tracing()):
@@ -237,33 +228,7 @@ def _adam_step_impl(
         _fallback_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
 
 
-def _adam_step_fake(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    max_exp_avg_sq,
-    step,
-    step_tensor,
-    lr,
-    lr_tensor,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    level,
-    decoupled_weight_decay,
-    amsgrad,
-    maximize,
-    scale,
-    res_scale,
-) -> None:
-    # Mutates in place, returns nothing: there is no output to describe.
-    return None
-
-
-adam_step_ = torch.library.triton_op("foam::adam_step_", _adam_step_impl, mutates_args=_ONE_MUTATES)
-adam_step_.register_fake(_adam_step_fake)
+adam_step_ = _op("adam_step_", _adam_step_impl, _ONE_MUTATES)
 
 
 # --------------------------------------------------------------------------- many tensors
@@ -275,19 +240,11 @@ def _adam_step_grouped_impl(
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     levels: list[int],
-    lr: float,
     lr_tensor: Optional[Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    scale: float,
-    res_scale: float,
+    **kwargs,
 ) -> None:
-    hp = dict(lr=lr if lr_tensor is None else lr_tensor, **op_scalars(locals()))
+    amsgrad = kwargs["amsgrad"]
+    hp = op_hyper(lr_tensor, kwargs)
     fast, slow = _split_supported(params, grads, levels)
     if len(fast) == len(params):  # the common case: the lists go to the kernel as they are
         foam_adam_grouped_(
@@ -329,33 +286,9 @@ def _adam_step_grouped_impl(
         )
 
 
-def _adam_step_grouped_fake(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    state_steps,
-    levels,
-    lr,
-    lr_tensor,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled_weight_decay,
-    amsgrad,
-    maximize,
-    scale,
-    res_scale,
-) -> None:
-    return None
-
-
-adam_step_grouped_ = torch.library.custom_op(
-    "foam::adam_step_grouped_", _adam_step_grouped_impl, mutates_args=_GROUPED_MUTATES
+adam_step_grouped_ = _op(
+    "adam_step_grouped_", _adam_step_grouped_impl, _GROUPED_MUTATES, kind=torch.library.custom_op
 )
-adam_step_grouped_.register_fake(_adam_step_grouped_fake)
 
 
 # ------------------------------------------------- grouped formats (int8/int4), correction bits
@@ -384,24 +317,14 @@ def _adam_step_formats_impl(
     state_format: str,
     step: Tensor,
     level: int,
-    lr: float,
     lr_tensor: Optional[Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    scale: float,
-    res_scale: float,
+    **kwargs,
 ) -> None:
     """One parameter whose moments are in ``state_format`` and/or that carries correction bits
     ``master_rho``: every tensor a real argument (a ``triton_op``, as ``adam_step_``)."""
-    hyper = op_scalars(locals())
     fmt = get_format(state_format)
-    lr_any = lr if lr_tensor is None else lr_tensor
-    kw = dict(lr=lr_any, step=step, level=level, master_rho=master_rho, **hyper)
+    hyper = op_hyper(lr_tensor, kwargs)
+    kw = dict(step=step, level=level, master_rho=master_rho, **hyper)
     if (
         grouped_format_reason(fmt) is None
         and kernel_supports(param, grad, level)
@@ -410,19 +333,10 @@ def _adam_step_formats_impl(
         if fmt.name == "fp32":
             foam_adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **kw)
         else:
-            foam_adam_quant_step_(
-                param,
-                grad,
-                exp_avg,
-                exp_avg_scale,
-                exp_avg_sq,
-                exp_avg_sq_scale,
-                max_exp_avg_sq,
-                max_exp_avg_sq_scale,
-                bits=fmt.bits,
-                stochastic=fmt.stochastic,
-                **kw,
-            )
+            codes = (exp_avg, exp_avg_scale, exp_avg_sq, exp_avg_sq_scale)  # the op's order
+            amsgrad = (max_exp_avg_sq, max_exp_avg_sq_scale)
+            bits = dict(bits=fmt.bits, stochastic=fmt.stochastic)
+            foam_adam_quant_step_(param, grad, *codes, *amsgrad, **bits, **kw)
         return
     # Where the kernel cannot run: the plain-torch backend on the same tensors.
     state = {"step": step, "foam_level": level, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -430,7 +344,7 @@ def _adam_step_formats_impl(
         state.update(
             foam_format=state_format, exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale
         )
-    if amsgrad:
+    if kwargs["amsgrad"]:
         state["max_exp_avg_sq"] = max_exp_avg_sq
         if fmt.name != "fp32":
             state["max_exp_avg_sq_scale"] = max_exp_avg_sq_scale
@@ -440,15 +354,8 @@ def _adam_step_formats_impl(
         width = "int8" if master_rho.dtype == torch.int8 else "int16"
     from . import plain_torch
 
-    hp = Hyper(lr=lr_any, level=level, master_weights=width, **hyper)
+    hp = Hyper(level=level, master_weights=width, **hyper)
     plain_torch.step_([param], [grad], [state], hp)
 
 
-def _adam_step_formats_fake(*args, **kwargs) -> None:
-    return None
-
-
-adam_step_formats_ = torch.library.triton_op(
-    "foam::adam_step_formats_", _adam_step_formats_impl, mutates_args=_FORMATS_MUTATES
-)
-adam_step_formats_.register_fake(_adam_step_formats_fake)
+adam_step_formats_ = _op("adam_step_formats_", _adam_step_formats_impl, _FORMATS_MUTATES)

@@ -304,7 +304,7 @@ class _Flags:
 
 def launch_signature(v: Variant):
     """``(fn, signature, constexprs, attrs, options)`` exactly as the launcher would launch."""
-    from . import foam_adam
+    from . import foam_adam, tile
 
     flags = _Flags(v)
     if v.kernel == "multi":
@@ -375,6 +375,8 @@ def launch_signature(v: Variant):
             signature[name] = ints[name]
             if v.even and name in ("n", "nb"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "hp":  # the scalars, a tuple (Python floats are passed as float32)
+            signature[name] = ("fp32",) * len(tile.HP_FIELDS)
         else:
             signature[name] = "fp32"
     constexprs = {

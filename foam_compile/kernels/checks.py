@@ -6,11 +6,14 @@ This module imports nothing from the rest of foam_compile.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .tile import HP_FIELDS
 
 # Weight-decay modes (a constexpr of the kernels, so the unused branch is compiled out).
 WD_NONE, WD_DECOUPLED, WD_COUPLED = 0, 1, 2
@@ -38,6 +41,22 @@ def split_f32(x: float) -> tuple[float, float]:
     """``x`` as float32 hi + lo, so a kernel can rebuild it in float64 from float32 arguments."""
     hi = struct.unpack("f", struct.pack("f", x))[0]
     return hi, x - hi
+
+
+_HP_ORDER = operator.itemgetter(*HP_FIELDS)
+#: The launchers' scalar keyword arguments and their defaults (torch.optim.AdamW's betas and eps,
+#: no weight decay, FOAM's alpha = rho = 1), in :class:`KernelHyper`'s order.
+HYPER_DEFAULTS = {
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "decoupled_weight_decay": True,
+    "amsgrad": False,
+    "maximize": False,
+    "scale": 1.0,
+    "res_scale": 1.0,
+}
 
 
 class KernelHyper:
@@ -83,22 +102,25 @@ class KernelHyper:
         else:
             self.wd_mode = WD_DECOUPLED if decoupled_weight_decay else WD_COUPLED
 
-    def scalars(self, level: int, lr: float, bc1: float, sqrt_bc2: float) -> dict:
-        return dict(
-            lr=lr,
-            bc1=bc1,
-            sqrt_bc2=sqrt_bc2,
-            b1_hi=self.b1_hi,
-            b1_lo=self.b1_lo,
-            b2_hi=self.b2_hi,
-            b2_lo=self.b2_lo,
-            one_minus_beta1=1.0 - self.beta1,
-            one_minus_beta2=1.0 - self.beta2,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            # alpha scales folded parameters only: level 0 is AdamW exactly (ALGORITHM.md).
-            scale=self.scale if level > 0 else 1.0,
-            rho=self.rho,
+    def scalars(self, level: int, lr: float, bc1: float, sqrt_bc2: float) -> tuple:
+        """The kernels' ``hp`` argument: a tuple in the order of :data:`.tile.HP_FIELDS`."""
+        return _HP_ORDER(
+            dict(
+                lr=lr,
+                bc1=bc1,
+                sqrt_bc2=sqrt_bc2,
+                b1_hi=self.b1_hi,
+                b1_lo=self.b1_lo,
+                b2_hi=self.b2_hi,
+                b2_lo=self.b2_lo,
+                one_minus_beta1=1.0 - self.beta1,
+                one_minus_beta2=1.0 - self.beta2,
+                eps=self.eps,
+                weight_decay=self.weight_decay,
+                # alpha scales folded parameters only: level 0 is AdamW exactly (ALGORITHM.md).
+                scale=self.scale if level > 0 else 1.0,
+                rho=self.rho,
+            )
         )
 
 

@@ -89,6 +89,7 @@ from torch.library import wrap_triton
 
 from . import plans, tuning
 from .checks import (
+    HYPER_DEFAULTS,
     MAX_LEVEL,
     SUPPORTED_DTYPES,
     KernelHyper,
@@ -178,8 +179,8 @@ def _prune_configs(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_CONFIGS,
     prune_configs_by={"early_config_prune": _prune_configs},
-    # Triton adds the tensors' dtypes to the key
-    key=["LEVEL", "EVEN", "STATE_FMT", "STATE_SR", "SIZE_BUCKET"],
+    # Triton adds the tensors' dtypes to the key; FLAGS holds the state format and rounding
+    key=["LEVEL", "EVEN", "FLAGS", "SIZE_BUCKET"],
     restore_value=["p_ptr", "m_ptr", "v_ptr", "vmax_ptr", "ms_ptr", "vs_ptr", "vmaxs_ptr", "r_ptr"],
     do_bench=_cpu_do_bench if is_interpreting() else None,  # None: Triton's GPU timer
     cache_results=True,  # on disk, next to Triton's kernel cache (never in the interpreter)
@@ -199,39 +200,23 @@ def _foam_adam_kernel(
     step_ptr,
     n,
     nb,
-    lr,
-    bc1,
-    sqrt_bc2,
-    b1_hi,
-    b1_lo,
-    b2_hi,
-    b2_lo,
-    one_minus_beta1,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    scale,
-    rho,
+    hp,
     step4,
     SIZE_BUCKET,  # autotune key only: log2 of the (saturated) element count
     LEVEL: tl.constexpr,
     EVEN: tl.constexpr,
-    WD_MODE: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
     LR_FROM_PTR: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
     IDX64: tl.constexpr,
-    PARAM_FMT: tl.constexpr,
-    STATE_FMT: tl.constexpr,
-    STATE_SR: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    FLAGS: tl.constexpr,
     TILE: tl.constexpr,
 ):
     """One tile per program. Even: one flat row of ``n`` elements, ``nb`` blocks. Ragged: rows of
     ``n`` elements and ``nb`` blocks, ``ceil(nb / BB)`` programs a row. Grouped states
     (``STATE_FMT`` 1, 2) take at least one group of blocks a tile (:func:`block_tile`), and are
-    even only when every row holds whole groups (:func:`quant_even`)."""
+    even only when every row holds whole groups (:func:`quant_even`). ``hp``: the scalars of
+    :data:`.tile.HP_FIELDS`; ``FLAGS``: the switches of :data:`.tile.FLAG_FIELDS`."""
+    STATE_FMT: tl.constexpr = FLAGS[4]  # tile.FLAG_FIELDS
     MIN_BB: tl.constexpr = 32 if STATE_FMT != 0 else 1  # tile.QGROUP (jit reads no globals)
     BB: tl.constexpr = (TILE >> LEVEL) if (TILE >> LEVEL) > MIN_BB else MIN_BB
     pid = tl.program_id(0)
@@ -239,21 +224,7 @@ def _foam_adam_kernel(
         pid = pid.to(tl.int64)
         n = n.to(tl.int64)
         nb = nb.to(tl.int64)
-    decay, step_size, sqrt_bc2 = step_scalars(
-        lr_ptr,
-        step_ptr,
-        lr,
-        bc1,
-        sqrt_bc2,
-        b1_hi,
-        b1_lo,
-        b2_hi,
-        b2_lo,
-        weight_decay,
-        scale,
-        LR_FROM_PTR,
-        STEP_FROM_PTR,
-    )
+    coef = step_scalars(lr_ptr, step_ptr, hp, LR_FROM_PTR, STEP_FROM_PTR)
     seed4 = tl.cast(step4, tl.int64)  # the stochastic rounding's seed (dead unless STATE_SR)
     if STEP_FROM_PTR:
         seed4 = tl.load(step_ptr).to(tl.int64) * 4
@@ -265,45 +236,10 @@ def _foam_adam_kernel(
         row = pid // tiles_per_row
         b0 = (pid - row * tiles_per_row) * BB
     code_row = nb if STATE_FMT != 2 else (nb + 1) // 2  # 4-bit rows: ceil(nb / 2) bytes
-    foam_span(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        v_ptr,
-        vmax_ptr,
-        ms_ptr,
-        vs_ptr,
-        vmaxs_ptr,
-        r_ptr,
-        row * n,
-        row * nb,
-        row * code_row,
-        row * ((nb + 31) // 32),  # groups a row
-        seed4,
-        b0,
-        tl.minimum(b0 + BB, nb),
-        n,
-        decay,
-        step_size,
-        sqrt_bc2,
-        b1_hi,
-        one_minus_beta1,
-        b2_hi,
-        one_minus_beta2,
-        eps,
-        weight_decay,
-        rho,
-        LEVEL,
-        BB,
-        EVEN,
-        WD_MODE,
-        AMSGRAD,
-        MAXIMIZE,
-        PARAM_FMT,
-        STATE_FMT,
-        STATE_SR,
-        BF16_RTNE,
-    )
+    ptrs = (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, r_ptr)
+    starts = (row * n, row * nb, row * code_row, row * ((nb + 31) // 32))  # 32 blocks a group
+    b1 = tl.minimum(b0 + BB, nb)
+    foam_span(ptrs, starts, seed4, b0, b1, n, coef, LEVEL, BB, EVEN, FLAGS)
 
 
 @triton.jit
@@ -312,39 +248,22 @@ def _foam_adam_multi_kernel(
     meta_table,
     chunk_table,
     lr_ptr,
-    lr,
-    bc1,
-    sqrt_bc2,
-    b1_hi,
-    b1_lo,
-    b2_hi,
-    b2_lo,
-    one_minus_beta1,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    scale,
-    rho,
+    hp,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     LEVEL: tl.constexpr,
     EVEN: tl.constexpr,
-    WD_MODE: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
     LR_FROM_PTR: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr,
     STEP_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
     IDX64: tl.constexpr,
-    PARAM_FMT: tl.constexpr,
-    STATE_FMT: tl.constexpr,
-    STATE_SR: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    FLAGS: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    """One segment (``CHUNK_BLOCKS`` blocks of one row) per program; tables from :mod:`.plans`."""
+    """One segment (``CHUNK_BLOCKS`` blocks of one row) per program; tables from :mod:`.plans`.
+    ``hp`` and ``FLAGS`` as the per-tensor kernel takes them (float32 states, plain params)."""
     BB: tl.constexpr = (TILE >> LEVEL) if (TILE >> LEVEL) > 0 else 1
     pid = tl.program_id(0)
     t = tl.load(chunk_table + 2 * pid)  # which tensor
@@ -372,21 +291,7 @@ def _foam_adam_multi_kernel(
         n = n.to(tl.int64)
         nb = nb.to(tl.int64)
         segment = segment.to(tl.int64)
-    decay, step_size, sqrt_bc2 = step_scalars(
-        lr_ptr,
-        step_ptr,
-        lr,
-        bc1,
-        sqrt_bc2,
-        b1_hi,
-        b1_lo,
-        b2_hi,
-        b2_lo,
-        weight_decay,
-        scale,
-        LR_FROM_PTR,
-        STEP_FROM_PTR,
-    )
+    coef = step_scalars(lr_ptr, step_ptr, hp, LR_FROM_PTR, STEP_FROM_PTR)
     if EVEN:  # one flat row: the segment's first block is a multiple of CHUNK_BLOCKS
         row = 0
         b0 = segment * CHUNK_BLOCKS
@@ -394,100 +299,50 @@ def _foam_adam_multi_kernel(
         per_row = tl.load(meta_table + 4 * t + 3)
         row = segment // per_row
         b0 = (segment - row * per_row) * CHUNK_BLOCKS
-    foam_span(
-        p_ptr,
-        g_ptr,
-        m_ptr,
-        v_ptr,
-        vmax_ptr,
-        m_ptr,  # no side tensors: the grouped launch takes float32 states only
-        v_ptr,
-        vmax_ptr,
-        p_ptr,  # and parameters without correction bits
-        row * n,
-        row * nb,
-        row * nb,
-        0,
-        0,
-        b0,
-        tl.minimum(b0 + CHUNK_BLOCKS, nb),
-        n,
-        decay,
-        step_size,
-        sqrt_bc2,
-        b1_hi,
-        one_minus_beta1,
-        b2_hi,
-        one_minus_beta2,
-        eps,
-        weight_decay,
-        rho,
-        LEVEL,
-        BB,
-        EVEN,
-        WD_MODE,
-        AMSGRAD,
-        MAXIMIZE,
-        PARAM_FMT,
-        STATE_FMT,
-        STATE_SR,
-        BF16_RTNE,
-    )
+    # no side tensors (float32 states; the moments stand in for their scales), no correction
+    # bits (the parameter stands in), no codes or groups, no seed
+    ptrs = (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, m_ptr, v_ptr, vmax_ptr, p_ptr)
+    starts = (row * n, row * nb, row * nb, 0)
+    b1 = tl.minimum(b0 + CHUNK_BLOCKS, nb)
+    foam_span(ptrs, starts, 0, b0, b1, n, coef, LEVEL, BB, EVEN, FLAGS)
 
 
 # --------------------------------------------------------------------------- launch choices
-def single_constexprs(
-    level: int,
-    even: bool,
-    hp: KernelHyper,
-    *,
-    lr_ptr,
-    step_ptr,
-    idx64,
-    bf16,
-    state_fmt=STATE_FP32,
-    stochastic=False,
-    param_fmt=PARAM_PLAIN,
-):
+def flags(hp, *, bf16, param_fmt=PARAM_PLAIN, state_fmt=STATE_FP32, stochastic=False) -> tuple:
+    """The ``FLAGS`` constexpr of both kernels (:data:`.tile.FLAG_FIELDS`): ``hp``'s weight-decay
+    mode, amsgrad and maximize, then the parameter and state formats and the rounding."""
+    return (hp.wd_mode, hp.amsgrad, hp.maximize, param_fmt, state_fmt, stochastic, bf16)
+
+
+def single_constexprs(level: int, even: bool, hp: KernelHyper, *, lr_ptr, step_ptr, idx64, **fmt):
     """The constexprs ``foam_adam_step_`` and ``foam_adam_quant_step_`` pass (the AOT check
-    enumerates the same function)."""
+    enumerates the same function); ``fmt``: the format arguments of :func:`flags`."""
     return dict(
         LEVEL=level,
         EVEN=even,
-        WD_MODE=hp.wd_mode,
-        AMSGRAD=hp.amsgrad,
-        MAXIMIZE=hp.maximize,
         LR_FROM_PTR=lr_ptr,
         STEP_FROM_PTR=step_ptr,
         IDX64=idx64,
-        PARAM_FMT=param_fmt,
-        STATE_FMT=state_fmt,
-        STATE_SR=stochastic,
-        BF16_RTNE=bf16,
+        FLAGS=flags(hp, **fmt),
     )
 
 
 def multi_constexprs(
     p_dtype, g_dtype, level: int, even: bool, hp, *, lr_ptr, step_dtype, aligned, idx64, bf16, tile
 ):
-    """The constexprs ``foam_adam_grouped_`` passes (the AOT check enumerates the same function)."""
+    """The constexprs ``foam_adam_grouped_`` passes (the AOT check enumerates the same function):
+    float32 states and plain parameters."""
     return dict(
         P_DTYPE=_TL_DTYPE[p_dtype],
         G_DTYPE=_TL_DTYPE[g_dtype],
         LEVEL=level,
         EVEN=even,
-        WD_MODE=hp.wd_mode,
-        AMSGRAD=hp.amsgrad,
-        MAXIMIZE=hp.maximize,
         LR_FROM_PTR=lr_ptr,
         STEP_FROM_PTR=step_dtype is not None,  # steps read from the pointer table
         STEP_DTYPE=_TL_DTYPE.get(step_dtype, tl.float32),
         ALIGNED=aligned,
         IDX64=idx64,
-        PARAM_FMT=PARAM_PLAIN,
-        STATE_FMT=STATE_FP32,
-        STATE_SR=False,
-        BF16_RTNE=bf16,
+        FLAGS=flags(hp, bf16=bf16),
         CHUNK_BLOCKS=plans.chunk_blocks(level),
         TILE=tile,
     )
@@ -495,31 +350,24 @@ def multi_constexprs(
 
 # ------------------------------------------------------------------------------ one tensor
 @functools.lru_cache(maxsize=64, typed=True)
-def _hyper(beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, scale, rho):
-    return KernelHyper(
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        res_scale=rho,
-        where="FOAM kernel",
-    )
+def _hyper(*values) -> KernelHyper:
+    return KernelHyper(**dict(zip(HYPER_DEFAULTS, values)), where="FOAM kernel")
 
 
-def _checked_hyper(where, **kw) -> KernelHyper:
-    """The checked hyperparameters; cached, since a training loop passes the same ones."""
+def _checked_hyper(where: str, hyper: dict) -> KernelHyper:
+    """The checked hyperparameters: the keyword arguments ``hyper`` of a launcher over
+    :data:`.checks.HYPER_DEFAULTS`; cached, since a training loop passes the same ones."""
+    unknown = hyper.keys() - HYPER_DEFAULTS.keys()
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword arguments {sorted(unknown)}")
+    values = tuple(map(hyper.get, HYPER_DEFAULTS, HYPER_DEFAULTS.values()))
     try:
-        return _hyper(**kw)
+        return _hyper(*values)
     except TypeError:  # unhashable: let the checks below name the argument
         pass
     except ValueError as exc:
         raise ValueError(str(exc).replace("FOAM kernel", where)) from None
-    kw["res_scale"] = kw.pop("rho")
-    return KernelHyper(**kw, where=where)
+    return KernelHyper(**dict(zip(HYPER_DEFAULTS, values)), where=where)
 
 
 def _saturation(device: torch.device) -> int:
@@ -540,17 +388,9 @@ def foam_adam_step_(
     *,
     lr: float | Tensor,
     step: float | Tensor,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
     level: int = 2,
-    decoupled_weight_decay: bool = True,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    scale: float = 1.0,
-    res_scale: float = 1.0,
     master_rho: Tensor | None = None,
+    **hyper,
 ) -> None:
     """One FOAM step for one parameter, in place on ``param`` and the folded states (one launch).
 
@@ -559,62 +399,63 @@ def foam_adam_step_(
     kernel (no host sync, CUDA-graph safe); a CPU tensor next to CUDA parameters is read on the
     host. ``level`` is clamped to 0 for 0-d/1-d parameters (ALGORITHM.md); the states must have
     the folded shape ``[..., ceil(n / 2**level)]`` and dtype float32. ``param``/``grad`` may be
-    float32, bfloat16 or float16 (math in float32). ``scale`` (alpha) applies at level >= 1 only.
+    float32, bfloat16 or float16 (math in float32). ``hyper``: ``beta1``, ``beta2``, ``eps``,
+    ``weight_decay``, ``decoupled_weight_decay``, ``amsgrad``, ``maximize``, ``scale`` (alpha,
+    applied at level >= 1 only) and ``res_scale`` (rho), defaults in :data:`.checks.HYPER_DEFAULTS`.
     Every tensor must be contiguous. Allocates nothing. ``master_rho``: a bfloat16/float16
     parameter's int8/int16 correction bits (``foam_compile/master_weights.py``), read and
     written in the same pass.
     """
     where = "foam_adam_step_"
-    hp = _checked_hyper(
-        where,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        rho=res_scale,
-    )
+    hp = _checked_hyper(where, hyper)
     level = check_tensors(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, level, hp.amsgrad, where
     )
+    vmax = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # unused unless AMSGRAD
+
+    def layout():
+        rows, n, nb = plans.geometry(param.shape, level)
+        return rows, n, nb, plans.is_even(param.shape, level), _block_tile
+
+    # no side tensors in float32: the moments stand in (never read)
+    tensors = (param, grad, exp_avg, exp_avg_sq, vmax, exp_avg, exp_avg_sq, vmax)
+    _launch_one(where, hp, level, tensors, lr=lr, step=step, master_rho=master_rho, layout=layout)
+
+
+def _launch_one(where, hp, level, tensors, *, lr, step, master_rho, layout, seeded=False, **fmt):
+    """The per-tensor kernel on ``tensors`` (its first eight tensor arguments, ``p_ptr`` ..
+    ``vmaxs_ptr``), after the checks of ``master_rho``, ``lr`` and ``step``. ``layout()``:
+    ``(rows, n, nb, even, block_tile)``; ``seeded``: the step seeds stochastic rounding (host
+    steps pass ``4 * step``, else a constant 4); ``fmt``: the state format of :func:`flags`."""
+    param = tensors[0]
     param_fmt = check_rho(param, master_rho, where)
     lr_value, lr_tensor = check_lr(lr, param.device, where)
     step_value, step_tensor = check_step(step, param.device, where)
     bc1 = sqrt_bc2 = 1.0
+    step4 = 4
     if step_tensor is None:
         _refuse_host_steps_in_capture(param.device, where)
         bc1, sqrt_bc2 = host_bias_corrections(step_value, hp.beta1, hp.beta2)
+        step4 = 4 * int(step_value) if seeded else 4
     numel = param.numel()
     if numel == 0:
         return
-    rows, n, nb = plans.geometry(param.shape, level)
-    even = plans.is_even(param.shape, level)
-    vmax = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # unused unless AMSGRAD
+    rows, n, nb, even, block_tile = layout()
 
     def grid(meta):
-        bb = _block_tile(meta["TILE"], level)
-        return (rows * triton.cdiv(nb, bb),)
+        return (rows * triton.cdiv(nb, block_tile(meta["TILE"], level)),)
 
+    dummy = tensors[5]  # never read
     kernel = wrap_triton(_foam_adam_kernel) if is_tracing() else _foam_adam_kernel
     kernel[grid](
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        vmax,
-        exp_avg,  # no side tensors in float32 (never read)
-        exp_avg_sq,
-        vmax,
+        *tensors,
         master_rho if master_rho is not None else param,
-        lr_tensor if lr_tensor is not None else exp_avg,  # dummies are never read
-        step_tensor if step_tensor is not None else exp_avg,
+        lr_tensor if lr_tensor is not None else dummy,
+        step_tensor if step_tensor is not None else dummy,
         n,
         nb,
-        **hp.scalars(level, lr_value, bc1, sqrt_bc2),
-        step4=4,
+        hp=hp.scalars(level, lr_value, bc1, sqrt_bc2),
+        step4=step4,
         SIZE_BUCKET=tuning.size_bucket(numel, _saturation(param.device)),
         **single_constexprs(
             level,
@@ -625,6 +466,7 @@ def foam_adam_step_(
             idx64=plans.needs_idx64(numel),
             bf16=_bf16_rtne(param.dtype),
             param_fmt=param_fmt,
+            **fmt,
         ),
     )
 
@@ -679,17 +521,9 @@ def foam_adam_quant_step_(
     stochastic: bool = False,
     lr: float | Tensor,
     step: float | Tensor,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
     level: int = 2,
-    decoupled_weight_decay: bool = True,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    scale: float = 1.0,
-    res_scale: float = 1.0,
     master_rho: Tensor | None = None,
+    **hyper,
 ) -> None:
     """:func:`foam_adam_step_` with moments in a grouped format (``bits`` 8 or 4; the layout and
     codes of ``foam_compile/formats/int8.py`` / ``int4.py``): one launch decodes each tile's
@@ -697,18 +531,7 @@ def foam_adam_quant_step_(
     or stochastically with the formats' counter-based numbers when ``stochastic``). Nothing
     full-size is allocated. Every tensor is checked before any is written."""
     where = "foam_adam_quant_step_"
-    hp = _checked_hyper(
-        where,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        rho=res_scale,
-    )
+    hp = _checked_hyper(where, hyper)
     level = check_quant_tensors(
         param,
         grad,
@@ -718,60 +541,29 @@ def foam_adam_quant_step_(
         level,
         where,
     )
-    param_fmt = check_rho(param, master_rho, where)
-    lr_value, lr_tensor = check_lr(lr, param.device, where)
-    step_value, step_tensor = check_step(step, param.device, where)
-    bc1 = sqrt_bc2 = 1.0
-    step4 = 4
-    if step_tensor is None:
-        _refuse_host_steps_in_capture(param.device, where)
-        bc1, sqrt_bc2 = host_bias_corrections(step_value, hp.beta1, hp.beta2)
-        step4 = 4 * int(step_value)
-    numel = param.numel()
-    if numel == 0:
-        return
-    even = quant_even(param.shape, level)
-    if even:
-        rows, n, nb = 1, numel, numel >> level
-    else:
-        n = param.shape[-1] if param.dim() else 1
-        rows, nb = numel // n, state_row(param.shape, level)
     vmax, vmax_s = (max_exp_avg_sq, max_exp_avg_sq_scale) if hp.amsgrad else (exp_avg_sq, None)
     vmax_s = exp_avg_sq_scale if vmax_s is None else vmax_s  # unused unless AMSGRAD
 
-    def grid(meta):
-        return (rows * triton.cdiv(nb, quant_block_tile(meta["TILE"], level)),)
+    def layout():
+        numel = param.numel()
+        if quant_even(param.shape, level):
+            return 1, numel, numel >> level, True, quant_block_tile
+        n = param.shape[-1] if param.dim() else 1
+        return numel // n, n, state_row(param.shape, level), False, quant_block_tile
 
-    kernel = wrap_triton(_foam_adam_kernel) if is_tracing() else _foam_adam_kernel
-    kernel[grid](
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        vmax,
-        exp_avg_scale,
-        exp_avg_sq_scale,
-        vmax_s,
-        master_rho if master_rho is not None else param,
-        lr_tensor if lr_tensor is not None else exp_avg_scale,  # dummies are never read
-        step_tensor if step_tensor is not None else exp_avg_scale,
-        n,
-        nb,
-        **hp.scalars(level, lr_value, bc1, sqrt_bc2),
-        step4=step4,
-        SIZE_BUCKET=tuning.size_bucket(numel, _saturation(param.device)),
-        **single_constexprs(
-            level,
-            even,
-            hp,
-            lr_ptr=lr_tensor is not None,
-            step_ptr=step_tensor is not None,
-            idx64=plans.needs_idx64(numel),
-            bf16=_bf16_rtne(param.dtype),
-            state_fmt=STATE_INT8 if bits == 8 else STATE_INT4,
-            stochastic=bool(stochastic),
-            param_fmt=param_fmt,
-        ),
+    tensors = (param, grad, exp_avg, exp_avg_sq, vmax, exp_avg_scale, exp_avg_sq_scale, vmax_s)
+    _launch_one(
+        where,
+        hp,
+        level,
+        tensors,
+        lr=lr,
+        step=step,
+        master_rho=master_rho,
+        layout=layout,
+        seeded=True,
+        state_fmt=STATE_INT8 if bits == 8 else STATE_INT4,
+        stochastic=bool(stochastic),
     )
 
 
@@ -992,7 +784,7 @@ def _launch_multi(
         group_tables.meta,
         group_tables.chunks,
         lr_tensor if lr_tensor is not None else dummy,  # never read unless LR_FROM_PTR
-        **scalars,
+        hp=scalars,
         **multi_constexprs(
             p_dtype,
             g_dtype,
@@ -1145,15 +937,7 @@ def foam_adam_grouped_(
     levels: Sequence[int],
     *,
     lr: float | Tensor,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    decoupled_weight_decay: bool = True,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    scale: float = 1.0,
-    res_scale: float = 1.0,
+    **hyper,
 ) -> None:
     """One FOAM step over many parameters in a handful of launches, in place.
 
@@ -1175,7 +959,7 @@ def foam_adam_grouped_(
         "state_steps": state_steps,
         "levels": levels,
     }
-    if amsgrad:
+    if hyper.get("amsgrad"):
         if max_exp_avg_sqs is None:
             raise ValueError(f"{where}: amsgrad=True needs max_exp_avg_sqs")
         lists["max_exp_avg_sqs"] = max_exp_avg_sqs
@@ -1184,18 +968,7 @@ def foam_adam_grouped_(
             raise ValueError(f"{where}: {name} has {len(seq)} entries, params has {count}")
     if count == 0:
         return
-    hp = _checked_hyper(
-        where,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        scale=scale,
-        rho=res_scale,
-    )
+    hp = _checked_hyper(where, hyper)
     lr_value, lr_tensor = check_lr(lr, params[0].device, where)
     vmaxs = tuple(max_exp_avg_sqs) if hp.amsgrad else ()
     states = (*exp_avgs, *exp_avg_sqs, *vmaxs)

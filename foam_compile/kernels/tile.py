@@ -77,30 +77,40 @@ def bias_corrections(step, b1_hi, b1_lo, b2_hi, b2_lo):
     return bc1, sqrt_bc2
 
 
+# The launch's scalar arguments, one tuple ``hp`` in this order (built by
+# :meth:`foam_compile.kernels.checks.KernelHyper.scalars`, unpacked by :func:`step_scalars`).
+HP_FIELDS = (
+    "lr",
+    "bc1",
+    "sqrt_bc2",
+    "b1_hi",
+    "b1_lo",
+    "b2_hi",
+    "b2_lo",
+    "one_minus_beta1",
+    "one_minus_beta2",
+    "eps",
+    "weight_decay",
+    "scale",
+    "rho",
+)
+# The update's constexpr switches, one tuple ``FLAGS`` in this order (built by
+# :func:`foam_compile.kernels.foam_adam.flags`, unpacked by :func:`foam_tile`).
+FLAG_FIELDS = ("WD_MODE", "AMSGRAD", "MAXIMIZE", "PARAM_FMT", "STATE_FMT", "STATE_SR", "BF16_RTNE")
+
+
 @triton.jit
-def step_scalars(
-    lr_ptr,
-    step_ptr,
-    lr,
-    bc1,
-    sqrt_bc2,
-    b1_hi,
-    b1_lo,
-    b2_hi,
-    b2_lo,
-    weight_decay,
-    scale,
-    LR_FROM_PTR: tl.constexpr,
-    STEP_FROM_PTR: tl.constexpr,
-):
-    """Per-program scalars ``(decay, step_size, sqrt_bc2)``; ``lr``/``step`` may live on device."""
+def step_scalars(lr_ptr, step_ptr, hp, LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr):
+    """The per-program coefficients of the update (``coef``, as :func:`foam_tile` unpacks it)
+    from the launch's scalars ``hp`` (:data:`HP_FIELDS`); ``lr``/``step`` may live on device."""
+    lr, bc1, sqrt_bc2, b1_hi, b1_lo, b2_hi, b2_lo, omb1, omb2, eps, weight_decay, scale, rho = hp
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr).to(tl.float32)
     if STEP_FROM_PTR:
         bc1, sqrt_bc2 = bias_corrections(tl.load(step_ptr), b1_hi, b1_lo, b2_hi, b2_lo)
     decay = 1.0 - lr * weight_decay
     step_size = lr * scale / bc1
-    return decay, step_size, sqrt_bc2
+    return (decay, step_size, sqrt_bc2, b1_hi, omb1, b2_hi, omb2, eps, weight_decay, rho)
 
 
 @triton.jit
@@ -225,15 +235,12 @@ def store_state(ptr, idx, x, mask, MASKED: tl.constexpr, FMT: tl.constexpr):
 # correctly rounded (div_rn, sqrt_rn), rint half to even, the group max the only reduction.
 # A tile of a grouped format holds whole groups: BB is a multiple of QGROUP and tiles start at
 # multiples of BB within a row, so each group's scale is made in registers.
-@triton.jit
-def _levels(FMT: tl.constexpr, SIGNED: tl.constexpr):
-    if FMT == 1:
-        L: tl.constexpr = 127.0 if SIGNED else 255.0
-    else:
-        L: tl.constexpr = 7.0 if SIGNED else 15.0
-    return L
-
-
+# The largest code ``L`` (QLEVELS) is a constexpr expression where it is used, not the return of
+# a jit helper: Triton 3.6 does not fold a call that returns a constexpr, so ``L: tl.constexpr =
+# helper()`` wraps a runtime f32 of the caller; passed to ``_signed_t`` it is baked into the
+# callee as a value of another function ("'tt.splat' op using value defined outside the
+# region"), and ``-L`` runs a tensor operator outside the JIT ("Did you forget to add
+# @triton.jit"). Triton 3.9 folds the call; the code is the same either way.
 @triton.jit
 def rint(z):
     """Round half to even (``torch.round``) from ``floor``: ``z - floor(z)`` is exact here."""
@@ -263,7 +270,7 @@ def uniform(idx, seed):
 
 
 @triton.jit
-def _signed_t(q, L):
+def _signed_t(q, L: tl.constexpr):
     y = tl.div_rn(q, L)
     return tl.div_rn(y, 2.0 - tl.abs(y))
 
@@ -272,9 +279,7 @@ def _signed_t(q, L):
 def load_moment(
     ptr,
     sc_ptr,
-    sidx,
-    cbase,
-    gbase,
+    at,
     n_valid,
     MASKED: tl.constexpr,
     FMT: tl.constexpr,
@@ -282,9 +287,11 @@ def load_moment(
     LEVEL: tl.constexpr,
     BB: tl.constexpr,
 ):
-    """A tile's folded moment as float32 ``[BB]``, decoded. ``FMT`` 0: float32 at ``sidx``;
-    grouped: codes from ``cbase`` (bytes), group scales from ``gbase``. Blocks past the tile's
-    end decode to 0 (they add nothing to a group's max when the moment is stored)."""
+    """A tile's folded moment as float32 ``[BB]``, decoded; ``at`` = ``(sidx, cbase, gbase)``.
+    ``FMT`` 0: float32 at ``sidx``; grouped: codes from ``cbase`` (bytes), group scales from
+    ``gbase``. Blocks past the tile's end decode to 0 (they add nothing to a group's max when
+    the moment is stored)."""
+    sidx, cbase, gbase = at
     B: tl.constexpr = 1 << LEVEL
     j = tl.arange(0, BB)
     bmask = j * B < n_valid
@@ -292,7 +299,7 @@ def load_moment(
         x = load_state(ptr, sidx, bmask, MASKED, FMT)
     else:
         NG: tl.constexpr = BB // 32
-        L: tl.constexpr = _levels(FMT, SIGNED)
+        L: tl.constexpr = (127.0 if SIGNED else 255.0) if FMT == 1 else (7.0 if SIGNED else 15.0)
         gi = tl.arange(0, NG)
         if MASKED:
             s = tl.load(sc_ptr + gbase + gi, mask=gi * (32 * B) < n_valid, other=0.0)
@@ -329,9 +336,7 @@ def load_moment(
 def store_moment(
     ptr,
     sc_ptr,
-    sidx,
-    cbase,
-    gbase,
+    at,
     x,
     n_valid,
     seed,
@@ -342,9 +347,10 @@ def store_moment(
     LEVEL: tl.constexpr,
     BB: tl.constexpr,
 ):
-    """Store a tile's folded moment ``x`` (float32 ``[BB]``): encoded for a grouped format,
-    group scales from registers, rounded to nearest or (``SR``) stochastically with
-    :func:`uniform` of the moment's flat index ``sidx`` and ``seed``."""
+    """Store a tile's folded moment ``x`` (float32 ``[BB]``) at ``at`` (as :func:`load_moment`):
+    encoded for a grouped format, group scales from registers, rounded to nearest or (``SR``)
+    stochastically with :func:`uniform` of the moment's flat index ``sidx`` and ``seed``."""
+    sidx, cbase, gbase = at
     B: tl.constexpr = 1 << LEVEL
     j = tl.arange(0, BB)
     bmask = j * B < n_valid
@@ -352,7 +358,7 @@ def store_moment(
         store_state(ptr, sidx, x, bmask, MASKED, FMT)
     else:
         NG: tl.constexpr = BB // 32
-        L: tl.constexpr = _levels(FMT, SIGNED)
+        L: tl.constexpr = (127.0 if SIGNED else 255.0) if FMT == 1 else (7.0 if SIGNED else 15.0)
         xg = tl.reshape(x, (NG, 32))
         # tl.max does not propagate NaN: a group holding one takes it through a sum instead
         nan = tl.sum(tl.where(xg != xg, xg, 0.0), axis=1)
@@ -438,45 +444,23 @@ def store_param_quads(
 
 @triton.jit
 def foam_tile(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    v_ptr,
-    vmax_ptr,
-    ms_ptr,
-    vs_ptr,
-    vmaxs_ptr,
-    r_ptr,
-    ebase,
-    sbase,
-    cbase,
-    gbase,
+    ptrs,
+    bases,
     seed4,
     n_valid,
-    decay,
-    step_size,
-    sqrt_bc2,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    rho,
+    coef,
     LEVEL: tl.constexpr,
     BB: tl.constexpr,
     MASKED: tl.constexpr,
     RAGGED: tl.constexpr,
     QUADS: tl.constexpr,
-    WD_MODE: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    PARAM_FMT: tl.constexpr,
-    STATE_FMT: tl.constexpr,
-    STATE_SR: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):
     """FOAM (ALGORITHM.md) on ``BB`` blocks: elements ``ebase + [0, BB*B)``, states ``sbase + j``.
+
+    ``ptrs``: the parameter, gradient, the three moments, their three scale tensors and the
+    correction bits; ``bases`` = ``(ebase, sbase, cbase, gbase)``; ``coef``: what
+    :func:`step_scalars` returns; ``FLAGS``: the update's switches (:data:`FLAG_FIELDS`).
 
     ``MASKED``: only the first ``n_valid`` elements exist (a span's last tile); otherwise all
     ``BB * B`` do and nothing is masked. ``RAGGED``: the last existing block may be partial, so
@@ -487,6 +471,17 @@ def foam_tile(
     Grouped states (``STATE_FMT`` 1, 2): codes from ``cbase``, scales from ``gbase`` (``ms_ptr``
     ...), stochastic rounding (``STATE_SR``) seeded from ``seed4 = 4 * step`` (int64).
     """
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, vmaxs_ptr, r_ptr = ptrs
+    ebase, sbase, cbase, gbase = bases
+    decay, step_size, sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, rho = coef
+    # FLAG_FIELDS (indexed with an annotation: names unpacked from a tuple are not constexpr)
+    WD_MODE: tl.constexpr = FLAGS[0]
+    AMSGRAD: tl.constexpr = FLAGS[1]
+    MAXIMIZE: tl.constexpr = FLAGS[2]
+    PARAM_FMT: tl.constexpr = FLAGS[3]
+    STATE_FMT: tl.constexpr = FLAGS[4]
+    STATE_SR: tl.constexpr = FLAGS[5]
+    BF16_RTNE: tl.constexpr = FLAGS[6]
     B: tl.constexpr = 1 << LEVEL
     e = tl.arange(0, BB * B)
     j = tl.arange(0, BB)
@@ -503,14 +498,15 @@ def foam_tile(
     else:
         g = load_param(g_ptr, g_ptr, offs, emask, MASKED, 0)  # gradients are plain tensors
         p = load_param(p_ptr, r_ptr, offs, emask, MASKED, PARAM_FMT)
-    m = load_moment(m_ptr, ms_ptr, sidx, cbase, gbase, n_valid, MASKED, STATE_FMT, True, LEVEL, BB)
-    v = load_moment(v_ptr, vs_ptr, sidx, cbase, gbase, n_valid, MASKED, STATE_FMT, False, LEVEL, BB)
+    at = (sidx, cbase, gbase)
+    m = load_moment(m_ptr, ms_ptr, at, n_valid, MASKED, STATE_FMT, True, LEVEL, BB)
+    v = load_moment(v_ptr, vs_ptr, at, n_valid, MASKED, STATE_FMT, False, LEVEL, BB)
     if MAXIMIZE:
         g = -g
     if WD_MODE == 1:  # AdamW: decoupled decay first
         p = p * decay
     if WD_MODE == 2:  # Adam: L2 folded into the gradient (after maximize, as torch.optim.Adam)
-        g = g + weight_decay * p
+        g = g + wd * p
 
     if LEVEL == 0:
         gb = g
@@ -534,20 +530,18 @@ def foam_tile(
     v = beta2 * v + one_minus_beta2 * qb
     seeds = tl.cast(seed4, tl.uint32)  # 4 * step mod 2**32, as codec.hash32's first mask
     store_moment(
-        m_ptr, ms_ptr, sidx, cbase, gbase, m, n_valid, hash32(seeds + 1),
+        m_ptr, ms_ptr, at, m, n_valid, hash32(seeds + 1),
         MASKED, STATE_FMT, True, STATE_SR, LEVEL, BB,
     )  # fmt: skip
     store_moment(
-        v_ptr, vs_ptr, sidx, cbase, gbase, v, n_valid, hash32(seeds + 2),
+        v_ptr, vs_ptr, at, v, n_valid, hash32(seeds + 2),
         MASKED, STATE_FMT, False, STATE_SR, LEVEL, BB,
     )  # fmt: skip
     if AMSGRAD:
-        vmax = load_moment(
-            vmax_ptr, vmaxs_ptr, sidx, cbase, gbase, n_valid, MASKED, STATE_FMT, False, LEVEL, BB
-        )
+        vmax = load_moment(vmax_ptr, vmaxs_ptr, at, n_valid, MASKED, STATE_FMT, False, LEVEL, BB)
         v_use = tl.maximum(vmax, v)
         store_moment(
-            vmax_ptr, vmaxs_ptr, sidx, cbase, gbase, v_use, n_valid, hash32(seeds + 3),
+            vmax_ptr, vmaxs_ptr, at, v_use, n_valid, hash32(seeds + 3),
             MASKED, STATE_FMT, False, STATE_SR, LEVEL, BB,
         )  # fmt: skip
     else:
@@ -573,135 +567,39 @@ def foam_tile(
 
 @triton.jit
 def foam_span(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    v_ptr,
-    vmax_ptr,
-    ms_ptr,
-    vs_ptr,
-    vmaxs_ptr,
-    r_ptr,
-    erow,
-    srow,
-    crow,
-    grow,
+    ptrs,
+    starts,
     seed4,
     b0,
     b1,
     n_row,
-    decay,
-    step_size,
-    sqrt_bc2,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    weight_decay,
-    rho,
+    coef,
     LEVEL: tl.constexpr,
     BB: tl.constexpr,
     EVEN: tl.constexpr,
-    WD_MODE: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    PARAM_FMT: tl.constexpr,
-    STATE_FMT: tl.constexpr,
-    STATE_SR: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    FLAGS: tl.constexpr,
 ):
-    """Blocks ``[b0, b1)`` of one row of ``n_row`` elements (row starts: ``erow``, ``srow``).
+    """Blocks ``[b0, b1)`` of one row of ``n_row`` elements; ``starts`` = ``(erow, srow, crow,
+    grow)``, the row's first element, state, code byte and group scale. ``ptrs``, ``coef`` and
+    ``FLAGS`` as :func:`foam_tile` takes them.
 
     Whole tiles of full blocks run unmasked; what is left (fewer than ``BB`` full blocks and,
     for a ragged row, its partial block) is one masked tile. ``b0`` must be a multiple of ``BB``
-    for the unmasked tiles to keep their alignment facts. Grouped states: ``crow``/``grow`` are
-    the row's first code byte and first group scale; ``b0`` is then a multiple of ``BB``, itself
-    a multiple of the group, so every tile holds whole groups.
+    for the unmasked tiles to keep their alignment facts. Grouped states: ``b0`` is then a
+    multiple of ``BB``, itself a multiple of the group, so every tile holds whole groups.
     """
+    erow, srow, crow, grow = starts
+    STATE_FMT: tl.constexpr = FLAGS[4]  # FLAG_FIELDS
     CB: tl.constexpr = 2 if STATE_FMT == 2 else 1  # blocks per code byte
     B: tl.constexpr = 1 << LEVEL
     full_end = tl.minimum(b1, n_row >> LEVEL)  # blocks before this one are full
     n_tiles = tl.maximum(full_end - b0, 0) // BB
     for k in range(0, n_tiles):
         b = tl.multiple_of(b0 + k * BB, BB)
-        foam_tile(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            ms_ptr,
-            vs_ptr,
-            vmaxs_ptr,
-            r_ptr,
-            erow + b * B,
-            srow + b,
-            crow + b // CB,
-            grow + b // 32,
-            seed4,
-            BB * B,
-            decay,
-            step_size,
-            sqrt_bc2,
-            beta1,
-            one_minus_beta1,
-            beta2,
-            one_minus_beta2,
-            eps,
-            weight_decay,
-            rho,
-            LEVEL,
-            BB,
-            False,
-            False,
-            not EVEN,
-            WD_MODE,
-            AMSGRAD,
-            MAXIMIZE,
-            PARAM_FMT,
-            STATE_FMT,
-            STATE_SR,
-            BF16_RTNE,
-        )
+        bases = (erow + b * B, srow + b, crow + b // CB, grow + b // 32)
+        foam_tile(ptrs, bases, seed4, BB * B, coef, LEVEL, BB, False, False, not EVEN, FLAGS)
     rest = b0 + n_tiles * BB
     if rest < b1:
-        foam_tile(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            ms_ptr,
-            vs_ptr,
-            vmaxs_ptr,
-            r_ptr,
-            erow + rest * B,
-            srow + rest,
-            crow + rest // CB,
-            grow + rest // 32,
-            seed4,
-            tl.minimum(n_row, b1 * B) - rest * B,
-            decay,
-            step_size,
-            sqrt_bc2,
-            beta1,
-            one_minus_beta1,
-            beta2,
-            one_minus_beta2,
-            eps,
-            weight_decay,
-            rho,
-            LEVEL,
-            BB,
-            True,
-            not EVEN,
-            not EVEN,
-            WD_MODE,
-            AMSGRAD,
-            MAXIMIZE,
-            PARAM_FMT,
-            STATE_FMT,
-            STATE_SR,
-            BF16_RTNE,
-        )
+        bases = (erow + rest * B, srow + rest, crow + rest // CB, grow + rest // 32)
+        n_valid = tl.minimum(n_row, b1 * B) - rest * B
+        foam_tile(ptrs, bases, seed4, n_valid, coef, LEVEL, BB, True, not EVEN, not EVEN, FLAGS)

@@ -43,14 +43,21 @@ def op_args(shapes_levels, dtype=torch.float32, amsgrad=True, gen=None):
         vmaxs.append(vs[-1] + 1e-4)
         steps.append(torch.tensor(2.0))
         levels.append(level)
-    return (params, grads, ms, vs, vmaxs if amsgrad else [], steps, levels, 0.0,
-            torch.tensor(1e-2), 0.9, 0.999, 1e-8, 0.1, True, amsgrad, True, 0.25, 2.0,
-            [], [], [], [], [], [])  # fmt: skip
+    args = (params, grads, ms, vs, vmaxs if amsgrad else [], steps, levels, [], [], [], [], [], [])
+    return args, scalars(torch.tensor(1e-2), amsgrad)
+
+
+def scalars(lr_tensor, amsgrad, lr=0.0, weight_decay=0.1):
+    """The op's keyword arguments (hyper.OP_SCHEMA_KWARGS)."""
+    return dict(lr=lr, lr_tensor=lr_tensor, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
+                maximize=True, scale=0.25, res_scale=2.0)  # fmt: skip
 
 
 def clone_args(args):
+    args, kwargs = args
     return tuple([t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0],
-                 torch.Tensor) else a for a in args)  # fmt: skip
+                 torch.Tensor) else a for a in args), kwargs  # fmt: skip
 
 
 SHAPES = [((6, 37), 2), ((5, 3, 20), 3), ((33,), 2), ((4, 9), 0), ((2, 700), 7)]
@@ -84,10 +91,11 @@ def test_opcheck():
         "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "exp_avg_scales",
         "exp_avg_sq_scales", "max_exp_avg_sq_scales", "corrections"
     ]  # fmt: skip
-    args = op_args(SHAPES[:3])
+    args, kwargs = op_args(SHAPES[:3])
     torch.library.opcheck(
         torch.ops.foam.cpu_step_.default,
         args,
+        kwargs,
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
     )
 
@@ -95,14 +103,14 @@ def test_opcheck():
 def test_op_under_aot_eager_fullgraph_mutates_its_inputs():
     eager, compiled = op_args(SHAPES), None
     compiled = clone_args(eager)
-    torch.ops.foam.cpu_step_(*eager)
+    torch.ops.foam.cpu_step_(*eager[0], **eager[1])
 
     @torch.compile(backend="aot_eager", fullgraph=True)
-    def step(*args):
-        torch.ops.foam.cpu_step_(*args)
+    def step(*args, **kwargs):
+        torch.ops.foam.cpu_step_(*args, **kwargs)
 
-    step(*compiled)
-    for a, b in zip(eager[:5], compiled[:5]):  # params, grads, moments: bitwise the same
+    step(*compiled[0], **compiled[1])
+    for a, b in zip(eager[0][:5], compiled[0][:5]):  # params, grads, moments: bitwise the same
         for x, y in zip(a, b):
             torch.testing.assert_close(y, x, rtol=0, atol=0)
 
@@ -117,8 +125,10 @@ def test_a_moment_the_kernel_cannot_read_takes_plain_torch_inside_the_op():
     v = [torch.zeros(4, 3), torch.zeros(3, 2)]
     ref_p = [x.clone() for x in p]
     steps = [torch.tensor(0.0), torch.tensor(0.0)]  # the op increments them
-    torch.ops.foam.cpu_step_(p, g, m, v, [], steps, [2, 2], 1e-2, None, 0.9, 0.999, 1e-8, 0.0,
-                             True, False, False, 1.0, 1.0, [], [], [], [], [], [])  # fmt: skip
+    torch.ops.foam.cpu_step_(p, g, m, v, [], steps, [2, 2], [], [], [], [], [], [], lr=1e-2,
+                             lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                             decoupled_weight_decay=True, amsgrad=False, maximize=False,
+                             scale=1.0, res_scale=1.0)  # fmt: skip
     u = torch.finfo(torch.float32).eps
     for i in range(2):
         st = {}
@@ -261,11 +271,10 @@ def test_opcheck_grouped_moments_and_corrections():
         steps.append(torch.tensor(2.0))
         rho = torch.randint(-9, 9, shape, generator=gen)
         rhos.append(rho.to(master_weights.OPTIONS["int16"][0]))
-    args = (params, grads, ms, vs, vmaxs, steps, [2, 0], 0.0, torch.tensor(1e-2), 0.9, 0.999,
-            1e-8, 0.1, True, True, True, 0.25, 2.0, formats, *scales, [True, True],
-            rhos)  # fmt: skip
+    args = (params, grads, ms, vs, vmaxs, steps, [2, 0], formats, *scales, [True, True], rhos)
     torch.library.opcheck(
         torch.ops.foam.cpu_step_.default,
         args,
+        scalars(torch.tensor(1e-2), True),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
     )

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from foam_compile.backends import triton_cuda  # noqa: E402
+from foam_compile.hyper import op_kwargs  # noqa: E402
 from foam_compile.kernels import MAX_LEVEL  # noqa: E402
 from foam_compile.state import get_format  # noqa: E402
 
@@ -79,7 +80,6 @@ def _one_op(groups) -> None:
     corrections) or as a number."""
     for group in groups:
         hp = group.foam_hp
-        lr_tensor = hp.lr if isinstance(hp.lr, torch.Tensor) else None
         for i, (p, g, st) in enumerate(zip(group.params, group.grads, group.states)):
             as_tensor = i % 2 == 0
             torch.ops.foam.adam_step_(
@@ -90,18 +90,8 @@ def _one_op(groups) -> None:
                 st.get("max_exp_avg_sq"),
                 float(st["step"]),
                 st["step"] if as_tensor else None,
-                0.0 if lr_tensor is not None else float(hp.lr),
-                lr_tensor,
-                hp.beta1,
-                hp.beta2,
-                hp.eps,
-                hp.weight_decay,
                 st["foam_level"],
-                hp.decoupled_weight_decay,
-                hp.amsgrad,
-                hp.maximize,
-                hp.scale,
-                hp.res_scale,
+                **op_kwargs(hp),
             )
 
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from foam_compile.kernels import foam_adam, plans, tuning  # noqa: E402
+from foam_compile.kernels import foam_adam, plans, tile, tuning  # noqa: E402
 from tests.kernels.launch_stubs import (  # noqa: E402
     LLAMA_1B,
     AtenLog,
@@ -98,17 +98,20 @@ def test_device_steps_are_read_through_the_pointer_table(monkeypatch):
     assert log.ops == []
 
 
+BC1 = tile.HP_FIELDS.index("bc1")  # where the kernels' scalar tuple holds 1 - beta1**t
+
+
 def test_host_steps_pass_bias_corrections_and_split_by_value(monkeypatch):
     stubs = stub_launches(monkeypatch)
     params, grads, ms, vs, _, levels = make_group([((4, 32), 2)] * 3, device="cpu")
     step(params, grads, ms, vs, [3.0, 3.0, 3.0], levels)
     assert len(stubs["multi"].calls) == 1
     assert not stubs["multi"].calls[0]["kwargs"]["STEP_FROM_PTR"]
-    bc1 = stubs["multi"].calls[0]["kwargs"]["bc1"]
+    bc1 = stubs["multi"].calls[0]["kwargs"]["hp"][BC1]
     assert bc1 == pytest.approx(1 - 0.9**3)
     step(params, grads, ms, vs, [3.0, 7.0, 3.0], levels)  # a parameter that joined earlier
     assert len(stubs["multi"].calls) == 3
-    assert sorted(c["kwargs"]["bc1"] for c in stubs["multi"].calls[1:]) == pytest.approx(
+    assert sorted(c["kwargs"]["hp"][BC1] for c in stubs["multi"].calls[1:]) == pytest.approx(
         sorted([1 - 0.9**3, 1 - 0.9**7])
     )
 

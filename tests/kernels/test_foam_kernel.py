@@ -439,27 +439,25 @@ def test_autotuning_leaves_live_state_untouched():
 
 # -------------------------------------------------------------------------------- the ops
 def _op_args(c, g, hp: Hyper, t):
-    return (
-        c.p,
-        g,
-        c.m,
-        c.v,
-        c.vmax if hp.amsgrad else None,
-        float(t),
-        None,
-        hp.lr,
-        None,
-        hp.betas[0],
-        hp.betas[1],
-        hp.eps,
-        hp.weight_decay,
-        c.level,
-        hp.decoupled_weight_decay,
-        hp.amsgrad,
-        hp.maximize,
-        hp.scale,
-        hp.res_scale,
+    return (c.p, g, c.m, c.v, c.vmax if hp.amsgrad else None, float(t), None, c.level)
+
+
+def _op_kw(hp: Hyper, **changed):
+    """The step ops' keyword arguments (``hyper.OP_SCHEMA_KWARGS``) for ``hp``."""
+    kw = dict(
+        lr=hp.lr,
+        lr_tensor=None,
+        beta1=hp.betas[0],
+        beta2=hp.betas[1],
+        eps=hp.eps,
+        weight_decay=hp.weight_decay,
+        decoupled_weight_decay=hp.decoupled_weight_decay,
+        amsgrad=hp.amsgrad,
+        maximize=hp.maximize,
+        scale=hp.scale,
+        res_scale=hp.res_scale,
     )
+    return {**kw, **changed}
 
 
 def test_op_adam_step_matches_model():
@@ -467,7 +465,7 @@ def test_op_adam_step_matches_model():
     cases = make_cases([((5, 123), 2, torch.float32), ((37,), 3, torch.bfloat16)], seed=31)
     for t in (1, 2):
         for c in cases:
-            torch.ops.foam.adam_step_(*_op_args(c, c.new_grad(), hp, t))
+            torch.ops.foam.adam_step_(*_op_args(c, c.new_grad(), hp, t), **_op_kw(hp))
             c.model_step(t, hp)
     for c in cases:
         c.check(2, hp)
@@ -490,17 +488,7 @@ def test_op_grouped_with_fallback_tensors():
             [c.vmax for c in cases],
             [torch.tensor(float(t)) for _ in cases],
             [c.level for c in cases],
-            hp.lr,
-            None,
-            hp.betas[0],
-            hp.betas[1],
-            hp.eps,
-            hp.weight_decay,
-            hp.decoupled_weight_decay,
-            hp.amsgrad,
-            hp.maximize,
-            hp.scale,
-            hp.res_scale,
+            **_op_kw(hp),
         )
         for c in cases:
             c.model_step(t, hp)
@@ -537,18 +525,15 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
             vm,
             0.0,
             step,
-            hp.lr,
-            None,
-            hp.betas[0],
-            hp.betas[1],
-            hp.eps,
-            hp.weight_decay,
             2,
-            True,
-            True,
-            False,
-            1.0,
-            1.0,
+            **_op_kw(
+                hp,
+                decoupled_weight_decay=True,
+                amsgrad=True,
+                maximize=False,
+                scale=1.0,
+                res_scale=1.0,
+            ),
         )
         return p.sum()
 
@@ -561,17 +546,14 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
             [vm],
             [step],
             [2],
-            hp.lr,
-            None,
-            hp.betas[0],
-            hp.betas[1],
-            hp.eps,
-            hp.weight_decay,
-            True,
-            True,
-            False,
-            1.0,
-            1.0,
+            **_op_kw(
+                hp,
+                decoupled_weight_decay=True,
+                amsgrad=True,
+                maximize=False,
+                scale=1.0,
+                res_scale=1.0,
+            ),
         )
         return p.sum()
 
@@ -722,18 +704,15 @@ def test_cuda_autotuned_and_compiled_inductor(fresh_dynamo):
             vm,
             0.0,
             t,
-            hp.lr,
-            None,
-            hp.betas[0],
-            hp.betas[1],
-            hp.eps,
-            hp.weight_decay,
             2,
-            True,
-            True,
-            False,
-            0.5,
-            1.0,
+            **_op_kw(
+                hp,
+                decoupled_weight_decay=True,
+                amsgrad=True,
+                maximize=False,
+                scale=0.5,
+                res_scale=1.0,
+            ),
         )
 
     for t in (1, 2, 3):

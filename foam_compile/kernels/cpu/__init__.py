@@ -210,40 +210,29 @@ def _check_moments(p, m, v, vmax, rows, nb, bits, group, scales) -> str | None:
     return None
 
 
+# The kernel's scalar arguments, in the order of foam_cpu_step()'s C signature.
+_FLOAT_ARGS = ("lr", "beta1", "beta2", "eps", "weight_decay", "scale", "res_scale")
+_FLAG_ARGS = ("decoupled_weight_decay", "amsgrad", "maximize")
+
+
 def run(
-    descs: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    scale: float,
-    res_scale: float,
-    increment_steps: bool = False,
-    threads: int | None = None,
+    descs: list[int], *, increment_steps: bool = False, threads: int | None = None, **hyper
 ) -> None:
     """Call the kernel on concatenated descriptors (:func:`describe`; an empty parameter's is
-    empty). With ``increment_steps`` the kernel adds 1 to each step count before the step."""
+    empty). ``hyper``: every one of ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``,
+    ``scale``, ``res_scale``, ``decoupled_weight_decay``, ``amsgrad`` and ``maximize``. With
+    ``increment_steps`` the kernel adds 1 to each step count before the step."""
+    if hyper.keys() != {*_FLOAT_ARGS, *_FLAG_ARGS}:
+        want = sorted({*_FLOAT_ARGS, *_FLAG_ARGS})
+        raise TypeError(f"run() takes the keyword arguments {want}, got {sorted(hyper)}")
     if not descs:
         return
     table = (ctypes.c_int64 * len(descs))(*descs)
     bad = library().foam_cpu_step(
         ctypes.addressof(table),
         len(descs) // FIELDS,
-        float(lr),
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        float(scale),
-        float(res_scale),
-        int(bool(decoupled_weight_decay)),
-        int(bool(amsgrad)),
-        int(bool(maximize)),
+        *(float(hyper[name]) for name in _FLOAT_ARGS),
+        *(int(bool(hyper[name])) for name in _FLAG_ARGS),
         int(bool(increment_steps)),
         int(threads or torch.get_num_threads()),
     )
