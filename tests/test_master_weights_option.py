@@ -99,3 +99,31 @@ def test_backend_hands_master_weights_to_convert():
     backend = foam_compile.backend(master_weights="int16", state_format="int4")
     assert backend.convert_options["master_weights"] == "int16"
     assert backend.convert_options["state_format"] == "int4"
+
+
+def test_backend_train_step_with_master_weights_equals_foam(fresh_dynamo):
+    """A stock AdamW step compiled with ``backend(master_weights=...)``: the first call
+    runs the rewritten graph (not ``FOAM.step``), which must give the bf16 weight its correction
+    too (it raised "has correction None" before); every step then equals FOAM built with the
+    option, bit for bit."""
+    model, twin = bf16_model(), bf16_model()
+    stock = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    built = FOAM(twin.parameters(), lr=1e-2, master_weights="int8", level=2, scale=0.25)
+
+    def step():  # gradients outside: an Inductor-compiled backward may round differently
+        stock.step()
+
+    compiled = torch.compile(
+        step, backend=foam_compile.backend(master_weights="int8", level=2, scale=0.25)
+    )
+    for seed in range(3):
+        for m in (model, twin):
+            backward(m, seed)
+        compiled()
+        built.step()
+    opt = stock  # converted in place by the backend
+    assert isinstance(opt, FOAM)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        if p.dtype == torch.bfloat16:
+            assert torch.equal(opt.state[p][RHO_KEY], built.state[q][RHO_KEY])

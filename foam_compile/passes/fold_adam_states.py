@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, fx
 from torch._dynamo.utils import counters
 
+from .. import master_weights
 from ..convert import convert
 from ..families import family_of
 from ..optimizer import FOAM
@@ -247,6 +248,9 @@ def _replace_update(
         with graph.inserting_before(top):  # new state buffers are read from the start
             for pi, p in enumerate(params):
                 st = opt.state[p]
+                # This graph calls the update directly, not FOAM.step, which would give a
+                # bfloat16/float16 weight its correction bits (master_weights) first.
+                master_weights.reconcile_(p, st, hyper["master_weights"], f"parameter {pi}")
                 nodes = {
                     key: _attr_node(
                         gm, value, f"foam_g{gi}_p{pi}_{key}", update, slots.get((id(p), key))

@@ -175,23 +175,13 @@ struct f16 {
   uint16_t bits;
 };
 
+// float and double: stored as computed, plain vector loads and stores.
 template <class S>
-struct Param;
-
-template <>
-struct Param<float> {
-  using T = float;
-  using V = Vec<float>::type;
-  static V load(const float* p) { return load_raw<V>(p); }
-  static void store(float* p, V x) { store_raw(p, x); }
-};
-
-template <>
-struct Param<double> {
-  using T = double;
-  using V = Vec<double>::type;
-  static V load(const double* p) { return load_raw<V>(p); }
-  static void store(double* p, V x) { store_raw(p, x); }
+struct Param {
+  using T = S;
+  using V = typename Vec<S>::type;
+  static V load(const S* p) { return load_raw<V>(p); }
+  static void store(S* p, V x) { store_raw(p, x); }
 };
 
 template <>
@@ -450,19 +440,13 @@ constexpr int GROUP = 32;
 constexpr int NV = GROUP / WF;  // vectors per group
 typedef uint8_t vu8 __attribute__((vector_size(WF)));
 typedef uint8_t vu8h __attribute__((vector_size(WF / 2)));
-typedef int8_t vi8 __attribute__((vector_size(WF)));
 typedef uint8_t vgroup8 __attribute__((vector_size(GROUP)));
 typedef uint8_t vhalf8 __attribute__((vector_size(GROUP / 2)));
 
-// codec.hash32 (Chris Wellons' hash-prospector constants, as the codec cites), lane-wise.
-inline vu32 hash32(vu32 x) {
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  return x ^ (x >> 15);
-}
-inline uint32_t hash32(uint32_t x) {
+// codec.hash32 (Chris Wellons' hash-prospector constants, as the codec cites): U is uint32_t or
+// vu32 (lane-wise).
+template <class U>
+inline U hash32(U x) {
   x ^= x >> 16;
   x *= 0x21F0AAADu;
   x ^= x >> 15;
@@ -828,6 +812,23 @@ struct Kernel {
     return p * c.decay - c.step_size * big_m / (vsqrt(big_v) * c.inv_sqrt_bc2 + c.eps);
   }
 
+  // A row's last t < W elements as whole vectors: p, g and the correction copied into
+  // zero-padded buffers, p and the correction copied back after the update.
+  struct Tail {
+    S p[W] = {}, g[W] = {};
+    R corr[W] = {};
+    int t;
+    Tail(const S* p0, const S* g0, const R* c0, int count) : t(count) {
+      std::memcpy(p, p0, t * sizeof(S));
+      std::memcpy(g, g0, t * sizeof(S));
+      if constexpr (CORR) std::memcpy(corr, c0, t * sizeof(R));
+    }
+    void write_back(S* p0, R* c0) const {
+      std::memcpy(p0, p, t * sizeof(S));
+      if constexpr (CORR) std::memcpy(c0, corr, t * sizeof(R));
+    }
+  };
+
   // ---- B <= W: one vector of W elements = W/B whole blocks (those past n are padding).
   template <int B>
   static void small_vec(S* p, const S* g, R* corr, T* m, T* v, T* vm, V inv_count,
@@ -890,18 +891,8 @@ struct Kernel {
     if (e < c1) {  // the row's last vector: through zero-padded copies
       const int t = int(c1 - e), nt = (t + B - 1) / B;
       const int64_t b = (e - c0) / B;
-      S pb[W], gb[W];
-      R cb[W];
-      T mb[K], vb[K], vmb[K];
-      std::memset(pb, 0, sizeof pb);
-      std::memset(gb, 0, sizeof gb);
-      std::memset(cb, 0, sizeof cb);
-      std::memset(mb, 0, sizeof mb);
-      std::memset(vb, 0, sizeof vb);
-      std::memset(vmb, 0, sizeof vmb);
-      std::memcpy(pb, p + e, t * sizeof(S));
-      std::memcpy(gb, g + e, t * sizeof(S));
-      if constexpr (CORR) std::memcpy(cb, corr + e, t * sizeof(R));
+      Tail tl(p + e, g + e, CORR ? corr + e : nullptr, t);
+      T mb[K] = {}, vb[K] = {}, vmb[K] = {};
       std::memcpy(mb, m + b, nt * sizeof(T));
       std::memcpy(vb, v + b, nt * sizeof(T));
       if (c.ams) std::memcpy(vmb, vm + b, nt * sizeof(T));
@@ -910,9 +901,8 @@ struct Kernel {
         int count = std::min(B, t - (i / B) * B);
         inv_c[i] = count > 0 ? T(1) / T(count) : T(0);
       }
-      small_vec<B>(pb, gb, cb, mb, vb, vmb, inv_c, c);
-      std::memcpy(p + e, pb, t * sizeof(S));
-      if constexpr (CORR) std::memcpy(corr + e, cb, t * sizeof(R));
+      small_vec<B>(tl.p, tl.g, tl.corr, mb, vb, vmb, inv_c, c);
+      tl.write_back(p + e, CORR ? corr + e : nullptr);
       std::memcpy(m + b, mb, nt * sizeof(T));
       std::memcpy(v + b, vb, nt * sizeof(T));
       if (c.ams) std::memcpy(vm + b, vmb, nt * sizeof(T));
@@ -955,19 +945,10 @@ struct Kernel {
                           const Scalars<T>& c) {
     const int64_t full = count / W * W;
     const int t = int(count - full);
-    S pb[W], gb[W];
-    R cb[W];
-    if (t) {
-      std::memset(pb, 0, sizeof pb);
-      std::memset(gb, 0, sizeof gb);
-      std::memset(cb, 0, sizeof cb);
-      std::memcpy(pb, p + full, t * sizeof(S));
-      std::memcpy(gb, g + full, t * sizeof(S));
-      if constexpr (CORR) std::memcpy(cb, corr + full, t * sizeof(R));
-    }
+    Tail tl(p + full, g + full, CORR ? corr + full : nullptr, t);
     Pairwise acc;
     for (int64_t e = 0; e < full; e += W) acc.add(grad(g + e, p + e, CORR ? corr + e : nullptr, c));
-    if (t) acc.add(grad(gb, pb, cb, c));
+    if (t) acc.add(grad(tl.g, tl.p, tl.corr, c));
     T gs, qs;
     acc.total(gs, qs);
     const T inv = T(1) / T(count);
@@ -989,9 +970,8 @@ struct Kernel {
     };
     for (int64_t e = 0; e < full; e += W) one(p + e, g + e, CORR ? corr + e : nullptr);
     if (t) {
-      one(pb, gb, cb);
-      std::memcpy(p + full, pb, t * sizeof(S));
-      if constexpr (CORR) std::memcpy(corr + full, cb, t * sizeof(R));
+      one(tl.p, tl.g, tl.corr);
+      tl.write_back(p + full, CORR ? corr + full : nullptr);
     }
   }
 
@@ -1042,29 +1022,19 @@ struct Kernel {
 // ---------------------------------------------------------------------------------- dispatch
 typedef void (*RangeFn)(const Desc&, const HyperIn&, int64_t, int64_t);
 
+// range<B> for B = 2**level while a vector holds whole blocks (B <= W); range<0> (B > W) above.
+template <class K, int L = 0>
+RangeFn by_level(int64_t level) {
+  if constexpr ((1 << L) <= K::W) {
+    return level == L ? &K::template range<(1 << L)> : by_level<K, L + 1>(level);
+  } else {
+    return &K::template range<0>;
+  }
+}
+
 template <class S, int FMT, class R>
 RangeFn pick_level(int64_t level) {
-  using K = Kernel<S, FMT, R>;
-  constexpr int W = K::W;
-  switch (level) {
-    case 0:
-      return &K::template range<1>;
-    case 1:
-      if constexpr (W >= 2) return &K::template range<2>;
-      break;
-    case 2:
-      if constexpr (W >= 4) return &K::template range<4>;
-      break;
-    case 3:
-      if constexpr (W >= 8) return &K::template range<8>;
-      break;
-    case 4:
-      if constexpr (W >= 16) return &K::template range<16>;
-      break;
-    default:
-      break;
-  }
-  return &K::template range<0>;  // B > W
+  return by_level<Kernel<S, FMT, R>>(level);
 }
 
 // float compute: every format; the 16-bit storages also with correction bits
