@@ -444,20 +444,13 @@ def _op_args(c, g, hp: Hyper, t):
 
 def _op_kw(hp: Hyper, **changed):
     """The step ops' keyword arguments (``hyper.OP_SCHEMA_KWARGS``) for ``hp``."""
-    kw = dict(
-        lr=hp.lr,
-        lr_tensor=None,
-        beta1=hp.betas[0],
-        beta2=hp.betas[1],
-        eps=hp.eps,
-        weight_decay=hp.weight_decay,
-        decoupled_weight_decay=hp.decoupled_weight_decay,
-        amsgrad=hp.amsgrad,
-        maximize=hp.maximize,
-        scale=hp.scale,
-        res_scale=hp.res_scale,
-    )
-    return {**kw, **changed}
+    return {**hp.reference_kwargs(), "lr_tensor": None, **changed}
+
+
+# amsgrad on, every other option at its default: what the compiled-op tests step with
+_AMSGRAD_PLAIN = dict(
+    decoupled_weight_decay=True, amsgrad=True, maximize=False, scale=1.0, res_scale=1.0
+)
 
 
 def test_op_adam_step_matches_model():
@@ -526,14 +519,7 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
             0.0,
             step,
             2,
-            **_op_kw(
-                hp,
-                decoupled_weight_decay=True,
-                amsgrad=True,
-                maximize=False,
-                scale=1.0,
-                res_scale=1.0,
-            ),
+            **_op_kw(hp, **_AMSGRAD_PLAIN),
         )
         return p.sum()
 
@@ -546,14 +532,7 @@ def test_ops_compile_and_declare_their_mutations(fresh_dynamo):
             [vm],
             [step],
             [2],
-            **_op_kw(
-                hp,
-                decoupled_weight_decay=True,
-                amsgrad=True,
-                maximize=False,
-                scale=1.0,
-                res_scale=1.0,
-            ),
+            **_op_kw(hp, **_AMSGRAD_PLAIN),
         )
         return p.sum()
 

@@ -78,17 +78,7 @@ class Param:
 def run(shapes, hp: Hyper, *, grouped: bool, steps: int = 2, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     params = [Param(shape, level, dtype, gen) for shape, level, dtype in shapes]
-    kw = dict(
-        beta1=hp.betas[0],
-        beta2=hp.betas[1],
-        eps=hp.eps,
-        weight_decay=hp.weight_decay,
-        decoupled_weight_decay=hp.decoupled_weight_decay,
-        amsgrad=hp.amsgrad,
-        maximize=hp.maximize,
-        scale=hp.scale,
-        res_scale=hp.res_scale,
-    )
+    kw = {k: v for k, v in hp.reference_kwargs().items() if k != "lr"}
     for _ in range(steps):
         grads = [x.grad() for x in params]
         for x in params:
