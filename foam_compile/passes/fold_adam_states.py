@@ -38,6 +38,7 @@ from torch import Tensor, fx
 from torch._dynamo.utils import counters
 
 from .. import master_weights
+from ..checkpoint import describe
 from ..convert import convert
 from ..families import family_of
 from ..optimizer import FOAM
@@ -250,7 +251,8 @@ def _replace_update(
                 st = opt.state[p]
                 # This graph calls the update directly, not FOAM.step, which would give a
                 # bfloat16/float16 weight its correction bits (master_weights) first.
-                master_weights.reconcile_(p, st, hyper["master_weights"], f"parameter {pi}")
+                where = describe(p, gi, next(i for i, q in enumerate(group["params"]) if q is p))
+                master_weights.reconcile_(p, st, hyper["master_weights"], where)
                 nodes = {
                     key: _attr_node(
                         gm, value, f"foam_g{gi}_p{pi}_{key}", update, slots.get((id(p), key))

@@ -212,6 +212,7 @@ def _check_moments(p, m, v, vmax, rows, nb, bits, group, scales) -> str | None:
 # The kernel's scalar arguments, in the order of foam_cpu_step()'s C signature.
 _FLOAT_ARGS = ("lr", "beta1", "beta2", "eps", "weight_decay", "scale", "res_scale")
 _FLAG_ARGS = ("decoupled_weight_decay", "amsgrad", "maximize")
+_HYPER_ARGS = frozenset(_FLOAT_ARGS + _FLAG_ARGS)
 
 
 def run(
@@ -221,9 +222,10 @@ def run(
     empty). ``hyper``: every one of ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``,
     ``scale``, ``res_scale``, ``decoupled_weight_decay``, ``amsgrad`` and ``maximize``. With
     ``increment_steps`` the kernel adds 1 to each step count before the step."""
-    if hyper.keys() != {*_FLOAT_ARGS, *_FLAG_ARGS}:
-        want = sorted({*_FLOAT_ARGS, *_FLAG_ARGS})
-        raise TypeError(f"run() takes the keyword arguments {want}, got {sorted(hyper)}")
+    if hyper.keys() != _HYPER_ARGS:
+        raise TypeError(
+            f"run() takes the keyword arguments {sorted(_HYPER_ARGS)}, got {sorted(hyper)}"
+        )
     if not descs:
         return
     table = (ctypes.c_int64 * len(descs))(*descs)

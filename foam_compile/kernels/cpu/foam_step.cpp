@@ -64,7 +64,6 @@ struct Vec {
   static constexpr int W = VBYTES / int(sizeof(T));
 };
 
-
 template <class V, class T>
 inline V splat(T x) {
   V r;
@@ -237,7 +236,6 @@ struct Param<f16> {
   static void store(f16*, V) {}
 #endif
 };
-
 
 // ------------------------------------------------------------------- master weights (issue 13)
 // `Weights<S, R>`: the float32 weight the update reads and writes. R = NoCorr: the parameter
@@ -429,7 +427,6 @@ struct Lanes {
   }
 };
 
-
 // ------------------------------------------------------------------ quantized moment storage
 // formats/int8.py and int4.py: per row of the folded moment, groups of G = 32 blocks, each with a
 // float32 absmax scale and 8-bit codes (int8 signed / uint8 square) or 4-bit codes packed two a
@@ -438,7 +435,6 @@ struct Lanes {
 // its order (-ffp-contract=off: no fused multiply-add), lane by lane.
 constexpr int GROUP = 32;
 constexpr int NV = GROUP / WF;  // vectors per group
-typedef uint8_t vu8 __attribute__((vector_size(WF)));
 typedef uint8_t vu8h __attribute__((vector_size(WF / 2)));
 typedef uint8_t vgroup8 __attribute__((vector_size(GROUP)));
 typedef uint8_t vhalf8 __attribute__((vector_size(GROUP / 2)));
@@ -813,12 +809,17 @@ struct Kernel {
   }
 
   // A row's last t < W elements as whole vectors: p, g and the correction copied into
-  // zero-padded buffers, p and the correction copied back after the update.
+  // zero-padded buffers, p and the correction copied back after the update. With t = 0 (a
+  // block of whole vectors, the common case of large_block) it does nothing.
   struct Tail {
-    S p[W] = {}, g[W] = {};
-    R corr[W] = {};
+    S p[W], g[W];
+    R corr[W];
     int t;
     Tail(const S* p0, const S* g0, const R* c0, int count) : t(count) {
+      if (t == 0) return;
+      std::memset(p, 0, sizeof p);
+      std::memset(g, 0, sizeof g);
+      std::memset(corr, 0, sizeof corr);
       std::memcpy(p, p0, t * sizeof(S));
       std::memcpy(g, g0, t * sizeof(S));
       if constexpr (CORR) std::memcpy(corr, c0, t * sizeof(R));
