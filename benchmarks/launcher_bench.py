@@ -61,11 +61,18 @@ class _AtenCount(TorchDispatchMode):
 
 
 def _load_baseline(root: str):
-    """The grouped launcher of another checkout (its foam_adam.py imported under another name)."""
-    path = os.path.join(root, "foam_compile", "kernels", "foam_adam.py")
-    spec = importlib.util.spec_from_file_location("baseline_foam_adam", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The grouped launcher of another checkout: its ``foam_compile.kernels`` package imported
+    under another name (it registers no op, so both can live in one process)."""
+    folder = os.path.join(root, "foam_compile", "kernels")
+    spec = importlib.util.spec_from_file_location(
+        "baseline_kernels",
+        os.path.join(folder, "__init__.py"),
+        submodule_search_locations=[folder],
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    module = importlib.import_module("baseline_kernels.foam_adam")
     for name in ("_foam_adam_multi_kernel", "_foam_adam_kernel"):
         setattr(module, name, _NoLaunch())
     return module

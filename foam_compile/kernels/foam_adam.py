@@ -48,7 +48,8 @@ The multi-tensor kernel takes float32 states and plain parameters.
 
 The grouped launcher's steady state. A call's *plan* (groups, shape-only tables, configs) is
 cached by the metadata of every tensor it is given (shapes, dtypes, devices, contiguity, levels,
-how steps are passed): a hit skips validation, since every check is a function of that metadata.
+how steps are passed; :mod:`.plan_cache`): a hit skips validation, since every check is a
+function of that metadata.
 Addresses are then read (one ``data_ptr`` per tensor) and looked up in the group's pointer slots.
 A steady loop therefore launches and does nothing else on the device: no allocation, no copy,
 no sync. Device step counters go into the pointer table (one column), so they are read by the
@@ -76,7 +77,6 @@ when the kernels are decorated, i.e. when this module is first imported.
 from __future__ import annotations
 
 import functools
-import itertools
 import operator
 import time
 from collections.abc import Sequence
@@ -87,7 +87,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import plans, tuning
+from . import plan_cache, plans, tuning
 from .checks import (
     HYPER_DEFAULTS,
     MAX_LEVEL,
@@ -584,16 +584,8 @@ def is_tracing() -> bool:
 # --------------------------------------------------------------------------- multi-tensor
 # Configs chosen in this process: (device, key fields) -> (TILE, num_warps).
 _MULTI_TUNED: dict = {}
-_PLANS: dict = {}
-_CLOCK = itertools.count()
-_PLAN_CACHE_SIZE = 16
 _DEVICE_NAMES: dict = {}
 
-_SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
-_DEVICE_INDEX = Tensor.get_device
-_CONTIG = Tensor.is_contiguous
 _PTR = Tensor.data_ptr
 
 
@@ -647,56 +639,8 @@ class _Plan:
         self.host_steps = host_steps  # indices of parameters whose steps are read on the host
         self.all_step_tensors = all_step_tensors
         self.device = device
-
-
-_STEP_META = operator.attrgetter("device", "dtype", "shape")
-_FLOAT32 = {torch.float32}
-_INT = {int}
-_ONE = {1}
-
-
-def _steps_key(steps) -> tuple:
-    """What the checks read of the step counters: their kinds, devices, dtypes and sizes (a few
-    sets when they are all tensors alike, as an optimizer passes them)."""
-    types = set(map(type, steps))
-    if len(types) == 1 and issubclass(next(iter(types)), Tensor):
-        devices = set(map(_DEVICE, steps))
-        dtypes = set(map(_DTYPE, steps))
-        if len(devices) == 1 and len(dtypes) == 1 and set(map(Tensor.numel, steps)) == _ONE:
-            return (*types, *devices, *dtypes)
-    return (None, *(_STEP_META(s) if isinstance(s, Tensor) else type(s) for s in steps))
-
-
-def _call_key(params, grads, states: tuple, steps, levels, amsgrad: bool):
-    """Every fact the checks read, as one flat hashable tuple, or ``None`` when the full checks
-    must run (an input is not a tensor, or a fact the checks always reject: tensors on several
-    devices, a non-contiguous one, a state not float32; the checks then name it). Facts shared
-    by all tensors are reduced before they enter the key, so hashing it stays cheap: the whole
-    key costs about 0.3 us a tensor on an idle core, the price of not trusting anything
-    between steps."""
-    try:
-        tensors = (*params, *grads, *states)
-        # Device indices (an int each, cheaper than a torch.device): with params[0]'s device in
-        # the key, one index for all means one device (CUDA tensors; -1 means CPU).
-        devices = set(map(_DEVICE_INDEX, tensors))
-        if (
-            set(map(type, levels)) != _INT  # a bool or a float level is refused by the checks
-            or len(devices) != 1
-            or not all(map(_CONTIG, tensors))
-            or set(map(_DTYPE, states)) != _FLOAT32
-        ):
-            return None
-        return (
-            amsgrad,
-            params[0].device,
-            *levels,
-            *map(_DTYPE, params),
-            *map(_DTYPE, grads),
-            *map(_SHAPE, tensors),
-            *_steps_key(steps),
-        )
-    except (AttributeError, TypeError):
-        return None
+        self.levels: tuple = ()  # what plan_cache compares, with its guard, to find it again
+        self.guard = None
 
 
 def _build_plan(params, grads, exp_avgs, exp_avg_sqs, vmaxs, steps, levels, hp, where) -> _Plan:
@@ -738,28 +682,6 @@ def _build_plan(params, grads, exp_avgs, exp_avg_sqs, vmaxs, steps, levels, hp, 
         groups.append(_Group(kind, idx, [g for _, g in members], cols, device))
     all_tensors = all(isinstance(s, Tensor) for s in steps)
     return _Plan(groups, host_steps, all_tensors, device)
-
-
-def _get_plan(key, build, device: torch.device) -> _Plan:
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is not None:
-        plan.last_use = next(_CLOCK)
-        return plan
-    if plans.capturing(device):
-        raise RuntimeError(
-            "foam_adam_grouped_: a new set of parameters (shapes, dtypes or levels) cannot be "
-            "prepared while a CUDA graph is being captured; run one step eagerly before "
-            "capturing (torch.compile's mode='reduce-overhead' does that by itself)"
-        )
-    plan = build()
-    plan.last_use = next(_CLOCK)
-    if key is not None:
-        _PLANS[key] = plan
-        # Drop the least recently used plan, never one whose tables a captured graph reads.
-        evictable = [k for k, v in _PLANS.items() if not any(g.captured() for g in v.groups)]
-        if len(_PLANS) > _PLAN_CACHE_SIZE and evictable:
-            del _PLANS[min(evictable, key=lambda k: _PLANS[k].last_use)]
-    return plan
 
 
 def _launch_multi(
@@ -972,8 +894,13 @@ def foam_adam_grouped_(
     lr_value, lr_tensor = check_lr(lr, params[0].device, where)
     vmaxs = tuple(max_exp_avg_sqs) if hp.amsgrad else ()
     states = (*exp_avgs, *exp_avg_sqs, *vmaxs)
-    plan = _get_plan(
-        _call_key(params, grads, states, state_steps, levels, hp.amsgrad),
+    plan = plan_cache.lookup(
+        params,
+        grads,
+        states,
+        state_steps,
+        levels,
+        hp.amsgrad,
         lambda: _build_plan(
             params, grads, exp_avgs, exp_avg_sqs, vmaxs, state_steps, levels, hp, where
         ),

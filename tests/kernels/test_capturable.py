@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from foam_compile.kernels import foam_adam, plans, tile, tuning  # noqa: E402
+from foam_compile.kernels import foam_adam, plan_cache, plans, tile, tuning  # noqa: E402
 from tests.kernels.launch_stubs import (  # noqa: E402
     LLAMA_1B,
     AtenLog,
@@ -29,9 +29,9 @@ from tests.kernels.launch_stubs import (  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def fresh_plans():
-    foam_adam._PLANS.clear()
+    plan_cache.clear()
     yield
-    foam_adam._PLANS.clear()
+    plan_cache.clear()
 
 
 def step(params, grads, ms, vs, steps, levels, **kw):
@@ -56,7 +56,7 @@ def test_llama_1b_steady_state_runs_no_aten_op(monkeypatch):
             step(*group)
         assert log.ops == []
     assert len(stubs["multi"].calls) == 12
-    plan = next(iter(foam_adam._PLANS.values()))
+    plan = plan_cache.cached()[0]
     assert sum(g.slots.fills for g in plan.groups) == 3  # one pointer table per group, once
 
 
@@ -67,7 +67,7 @@ def test_moved_gradients_cost_one_copy_per_group_and_no_allocation(monkeypatch):
     shapes = [((8, 64), 2), ((8, 61), 2), ((33,), 0)]  # even, ragged, level 0: three groups
     params, grads, ms, vs, steps, levels = make_group(shapes, device="cpu")
     step(params, grads, ms, vs, steps, levels)
-    plan = next(iter(foam_adam._PLANS.values()))
+    plan = plan_cache.cached()[0]
     tables = [(g.tables.meta, g.tables.chunks) for g in plan.groups]
     new_grads = [torch.empty_like(g) for g in grads]
     log = AtenLog()
@@ -171,7 +171,7 @@ def test_captured_pointer_slots_are_never_reused(monkeypatch):
     stub_launches(monkeypatch)
     params, grads, ms, vs, steps, levels = make_group([((4, 32), 2)], device="cpu")
     step(params, grads, ms, vs, steps, levels)
-    slots = next(iter(foam_adam._PLANS.values())).groups[0].slots
+    slots = plan_cache.cached()[0].groups[0].slots
     eager_slot = slots.by_addrs[next(iter(slots.by_addrs))]
     _capturing(monkeypatch, True)
     step(params, grads, ms, vs, steps, levels)  # a hit: its slot is now kept
@@ -223,7 +223,7 @@ def test_no_tuning_inside_a_capture(monkeypatch):
         foam_adam, "_tune_multi", lambda g, hp, b: (tuned.append(b), ((2048, 8), {}))[1]
     )
     group = make_group([((4, 32), 2)], device="cpu")
-    monkeypatch.setattr(foam_adam, "_get_plan", _plan_outside_capture(monkeypatch))
+    monkeypatch.setattr(plan_cache, "lookup", _plan_outside_capture(monkeypatch))
     _capturing(monkeypatch, True)
     step(*group)
     assert tuned == []
@@ -235,11 +235,11 @@ def test_no_tuning_inside_a_capture(monkeypatch):
 
 
 def _plan_outside_capture(monkeypatch):
-    real = foam_adam._get_plan
+    real = plan_cache.lookup
 
-    def get(key, build, device):
+    def get(*args):
         with monkeypatch.context() as m:
             m.setattr(plans, "capturing", lambda device: False)
-            return real(key, build, device)
+            return real(*args)
 
     return get

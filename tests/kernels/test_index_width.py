@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from foam_compile.kernels import aot, foam_adam, plans  # noqa: E402
+from foam_compile.kernels import aot, foam_adam, plan_cache, plans  # noqa: E402
 from tests.kernels.launch_stubs import folded, stub_launches  # noqa: E402
 
 BIG = [
@@ -31,9 +31,9 @@ BIG = [
 
 @pytest.fixture(autouse=True)
 def fresh_plans():
-    foam_adam._PLANS.clear()
+    plan_cache.clear()
     yield
-    foam_adam._PLANS.clear()
+    plan_cache.clear()
 
 
 def meta_group(shapes):
@@ -53,7 +53,7 @@ def test_grouped_launcher_requests_int64_for_2_31_elements(monkeypatch, shape, l
     assert call["kwargs"]["IDX64"]
     meta, chunks = call["args"][1], call["args"][2]
     assert meta.dtype == torch.int64 and chunks.dtype == torch.int32
-    group = next(iter(foam_adam._PLANS.values())).groups[0]
+    group = plan_cache.cached()[0].groups[0]
     rows, n, nb = plans.geometry(shape, level)
     assert group.tables.idx64 and rows * n == math.prod(shape)
     # The exact sizes reach the kernel (they do not fit int32), and the chunks cover every row

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from foam_compile.kernels import foam_adam, tuning  # noqa: E402
+from foam_compile.kernels import foam_adam, plan_cache, tuning  # noqa: E402
 from tests.kernels.launch_stubs import make_group, stub_launches  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def test_the_interpreter_never_writes_the_disk_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def tuned(monkeypatch):
     """Tuning switched on, the timing replaced by a recorder; launches stubbed."""
-    foam_adam._PLANS.clear()
+    plan_cache.clear()
     foam_adam._MULTI_TUNED.clear()
     stub_launches(monkeypatch)
     monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
@@ -83,7 +83,7 @@ def tuned(monkeypatch):
 
     monkeypatch.setattr(foam_adam, "_tune_multi", fake_tune)
     yield calls
-    foam_adam._PLANS.clear()
+    plan_cache.clear()
     foam_adam._MULTI_TUNED.clear()
 
 
