@@ -33,7 +33,7 @@ from . import backends, checkpoint, distributed, layout, master_weights
 from .families import Family, family_of
 from .hyper import GROUP_DEFAULTS, Hyper, check_level
 from .layout import LAYOUT_KEY
-from .policy import KEEP_UNFOLDED, overrides, stochastic_variant
+from .policy import KEEP_UNFOLDED, nearest_variant, overrides, stochastic_variant
 from .reference import folded_shape
 from .state import DEFAULT_FORMAT, format_of, get_format
 
@@ -783,7 +783,7 @@ def _calibrate_outside_compile():
     return _CALIBRATE[0]
 
 
-def _auto_params(opt) -> tuple[list[tuple[str, Tensor]], list[Tensor], dict[str, int]]:
+def _auto_params(opt) -> tuple[list[tuple[str, Tensor]], list[Tensor], dict[str, int], dict]:
     """``level='auto'``'s trainable parameters with names, the ones the policy keeps at level 0
     and the ones pinned to another level (by first name)."""
     from .discovery import parameter_names
@@ -800,23 +800,29 @@ def _auto_params(opt) -> tuple[list[tuple[str, Tensor]], list[Tensor], dict[str,
     unnamed = [p for _, _, p in items if id(p) not in given]
     names = {**parameter_names(unnamed, opt.autotune.get("model")), **given} if unnamed else given
     named = [(names.get(id(p)) or f"param{k}", p) for k, (_, _, p) in enumerate(items)]
-    keep, fixed = [], {}
+    keep, fixed, formats = [], {}, {}
     for (name, p), (g, i, _) in zip(named, items):
         level = layout.choice(g, i).get("level")
         if level == 0:
             keep.append(p)
         elif level is not None:
             fixed[name.split("|")[0]] = level
-    return named, keep, fixed
+        formats[name.split("|")[0]] = nearest_variant(layout.format_for(g, i, DEFAULT_FORMAT))
+    return named, keep, fixed, formats
 
 
-def _planner_options(opt, keep, fixed) -> dict:
+def _planner_options(opt, keep, fixed, formats) -> dict:
+    """The planner's arguments. Without ``formats=`` to choose from, each parameter is priced
+    in the format it is stored in (its group's or its own), so a budget holds for the bytes
+    the plan leaves, not for float32 ones."""
     kw = {k: opt.autotune[k] for k in ("budget", "max_error") if opt.autotune.get(k) is not None}
     kw["keep"] = keep
     kw["fixed"] = fixed
     kw["keep_unfolded"] = tuple(opt._policy().get("keep_unfolded") or ())
     if opt.autotune.get("formats"):
         kw["formats"] = tuple(opt.autotune["formats"])
+    else:
+        kw["fixed_formats"] = formats
     return kw
 
 
@@ -825,10 +831,10 @@ def _check_budget_reachable(opt, where: str) -> None:
     end of calibration (the bytes do not depend on the measured errors)."""
     from .planner import plan_params
 
-    named, keep, fixed = _auto_params(opt)
+    named, keep, fixed, formats = _auto_params(opt)
     if not named:
         return
-    kw = _planner_options(opt, keep, fixed)
+    kw = _planner_options(opt, keep, fixed, formats)
     kw.pop("max_error", None)
     try:
         plan_params(named, None, **kw)
@@ -839,7 +845,7 @@ def _check_budget_reachable(opt, where: str) -> None:
 def _make_tuner(opt):
     from .planner import AutoTuner
 
-    named, keep, fixed = _auto_params(opt)
+    named, keep, fixed, formats = _auto_params(opt)
     steps = int(opt.autotune.get("steps", 8))
-    kw = _planner_options(opt, keep, fixed)
+    kw = _planner_options(opt, keep, fixed, formats)
     return AutoTuner(named, steps=steps, model=opt.autotune.get("model"), **kw)

@@ -298,6 +298,7 @@ def plan_params(
     calibration_steps: int = 0,
     formats: Iterable[str] = ("fp32",),
     quant_errors: MomentMeter | Mapping[str, Mapping[tuple[int, str], float]] | None = None,
+    fixed_formats: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan levels (and state formats) for ``(name, param)`` pairs from measured errors.
 
@@ -313,7 +314,9 @@ def plan_params(
 
     Each tensor of 2 dims or more also chooses its state format from ``formats`` (registered
     names, e.g. ``("fp32", "int8", "int4")``); 0-d/1-d tensors stay ``"fp32"`` (they are tiny,
-    and FSDP2 shards their only dim, which would split a format's groups). A format's error is
+    and FSDP2 shards their only dim, which would split a format's groups). ``fixed_formats``
+    (name -> format) pins a tensor's format, whatever its dims: the one it will be stored in
+    when the plan chooses only levels. A format's error is
     ``quant_errors[name][(level, format)]`` (a :class:`~foam_compile.cost_model.MomentMeter` or a
     mapping), else :data:`~foam_compile.cost_model.QUANT_ERROR_PRIOR`; it adds to the residual
     share (see :func:`~foam_compile.cost_model.quantization_errors` for why they add).
@@ -329,7 +332,10 @@ def plan_params(
     if not levels or levels[0] < 0:
         raise ValueError(f"plan: levels must be non-negative ints, got {levels}")
     formats = _check_formats(formats)
-    rules = _Rules(keep, keep_unfolded, fold_anyway, fixed, formats)
+    fixed_formats = dict(fixed_formats or {})
+    if fixed_formats:
+        _check_formats(fixed_formats.values())
+    rules = _Rules(keep, keep_unfolded, fold_anyway, fixed, formats, fixed_formats)
 
     tensors: dict[int, tuple[list[str], Tensor]] = {}
     for name, p in named_params:
@@ -405,8 +411,9 @@ def _check_formats(formats: Iterable[str]) -> list[str]:
 class _Rules:
     """Which levels and formats a tensor may take, and why (``plan_params``' rules)."""
 
-    def __init__(self, keep, keep_unfolded, fold_anyway, fixed, formats):
+    def __init__(self, keep, keep_unfolded, fold_anyway, fixed, formats, fixed_formats):
         self.formats = formats
+        self.fixed_formats = fixed_formats
         self.keep_ids = {id(t) for t in keep}
         self.keep_re = [re.compile(p) for p in keep_unfolded]
         self.fold_re = [re.compile(p) for p in fold_anyway]
@@ -416,16 +423,18 @@ class _Rules:
         shape = tuple(p.shape)
         pinned = next((self.fixed[a] for a in names if a in self.fixed), None)
         forced = any(r.search(a) for r in self.fold_re for a in names)
+        fmt = next((self.fixed_formats[a] for a in names if a in self.fixed_formats), None)
+        fmts = self.formats if fmt is None else [fmt]
         if pinned is not None:
-            return [int(pinned)], self.formats, "fixed"
+            return [int(pinned)], fmts, "fixed"
         if len(shape) < 2:
-            return [0], ["fp32"], f"{len(shape)}-d"
+            return [0], ["fp32"] if fmt is None else fmts, f"{len(shape)}-d"
         if not forced and id(p) in self.keep_ids:
-            return [0], self.formats, "kept: module"
+            return [0], fmts, "kept: module"
         if not forced and any(r.search(a) for r in self.keep_re for a in names):
-            return [0], self.formats, "kept: name"
+            return [0], fmts, "kept: name"
         cands = sorted({min(lv, max_useful_level(shape)) for lv in levels})
-        return cands, self.formats, "planned" if measured else "planned (prior)"
+        return cands, fmts, "planned" if measured else "planned (prior)"
 
 
 def _quant_for(quant_errors, names, p, cands, fmts) -> dict:

@@ -56,6 +56,12 @@ def stochastic_variant(name: str) -> str:
     return f"{name}-sr" if f"{name}-sr" in FORMATS else name
 
 
+def nearest_variant(name: str) -> str:
+    """The round-to-nearest format of ``name`` (``"int8-sr"`` -> ``"int8"``): the same bytes
+    and layout, which is what the cost model prices."""
+    return name[: -len("-sr")] if name.endswith("-sr") and name[: -len("-sr")] in FORMATS else name
+
+
 def overrides(
     params: Iterable[Tensor],
     *,

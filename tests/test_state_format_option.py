@@ -405,6 +405,32 @@ def test_auto_plan_picks_formats_within_budget_and_keeps_sr_default():
     assert opt.foam_plan.formats["embed.weight"] == "int8"  # the plan's choice, rounded SR
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int8-sr"])
+def test_auto_levels_budget_holds_for_the_stored_format(fmt):
+    """state_format= with level='auto' and no formats=: the plan prices every parameter in the
+    format it is stored in, so the budget is met by the stored bytes and nearly spent (priced
+    as float32, int8 state ended at a third of the budget, folded far deeper than needed)."""
+    torch.manual_seed(0)
+    model = LM(vocab=64, dim=32)
+    opt = FOAM(
+        model.named_parameters(),
+        lr=1e-2,
+        level="auto",
+        budget=0.3,
+        state_format=fmt,
+        calibration_steps=2,
+    )
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        model(torch.randint(0, 64, (4, 9), generator=g)).square().mean().backward()
+        opt.step()
+    table = foam_compile.explain(opt, model)
+    assert table.state_bytes == opt.foam_plan.state_bytes
+    assert 0.25 * table.adamw_bytes <= table.state_bytes <= 0.3 * table.adamw_bytes
+    assert set(formats_by_name(model, opt).values()) <= {"int8", "int8-sr"}
+
+
 def test_formats_option_is_checked_where_given():
     model = lm()
     for build in (
