@@ -15,7 +15,10 @@ sweep at the default size), as the paper's Adam baselines do: at 1e-2 it would l
 which says nothing about FOAM. Every run starts from the same weights and sees the same batches.
 
 By default three runs: AdamW, FOAM with float32 moments, FOAM with int8 moments
-(``state_format="int8"``; embeddings and the head round stochastically). ``--state-format X``
+(``state_format="int8"``; embeddings and the head round stochastically) whose levels the cost
+model picks (``level="auto"``: from the first 8 steps' gradients, the least folding error
+within ``--budget``, 7.5% of AdamW's state; embeddings, head and norms stay at level 0).
+``--state-format X``
 runs AdamW and one FOAM run in format X; ``--dtype bf16`` trains the FOAM runs' weights in
 bfloat16, with ``--master-weights int8`` (8 correction bits per weight) or ``int16``; AdamW
 stays float32, the reference.
@@ -261,20 +264,22 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CALIBRATION = 8  # level="auto": steps run as AdamW while the cost model measures each level
 
 
 def run_specs(args) -> dict[str, dict]:
     """Run name -> FOAM options (``None``: the AdamW baseline, float32)."""
     foam = dict(dtype=args.dtype, master_weights=args.master_weights)
     tag = "" if args.dtype == "fp32" else f"-{args.dtype}"
-    if args.state_format is None:  # the default demo: float32 and int8 moments
-        formats = ["fp32", "int8"]
+    if args.state_format is None:  # the default demo: float32 moments, int8 ones at auto levels
+        runs = [("fp32", args.level), ("int8", "auto")]
     else:
-        formats = [args.state_format]
+        runs = [(args.state_format, args.level)]
     specs: dict[str, dict | None] = {"adamw": None}
-    for fmt in formats:
-        name = "foam" + tag + ("" if fmt == "fp32" and len(formats) > 1 else f"-{fmt}")
-        specs["foam" if fmt == "fp32" and not tag else name] = {**foam, "state_format": fmt}
+    for fmt, level in runs:
+        name = "foam" + tag + ("" if fmt == "fp32" and len(runs) > 1 else f"-{fmt}")
+        spec = {**foam, "state_format": fmt, "level": level}
+        specs["foam" if fmt == "fp32" and not tag else name] = spec
     return specs
 
 
@@ -294,6 +299,7 @@ def train(name: str, spec: dict | None, args, train_data: Tensor, val_batches) -
     torch.manual_seed(args.seed)  # same initial weights for every run
     model = Llama(256, args.dim, args.layers, args.heads, args.seq_len)
     is_foam = spec is not None
+    auto = is_foam and spec["level"] == "auto"
     if is_foam:
         model.to(DTYPES[spec["dtype"]])
     # lr as a tensor: the scheduler then updates it in place instead of recompiling the step.
@@ -314,7 +320,8 @@ def train(name: str, spec: dict | None, args, train_data: Tensor, val_batches) -
         # The paper's recipe; the backend's default policy keeps embeddings, head, norms and 1-d
         # parameters at level 0 (plain Adam). Without --compile, convert the optimizer directly.
         recipe = dict(
-            level=args.level,
+            level=spec["level"],
+            **({"budget": args.budget, "calibration_steps": CALIBRATION} if auto else {}),
             scale=args.scale,
             model=model,
             state_format=spec["state_format"],
@@ -338,7 +345,9 @@ def train(name: str, spec: dict | None, args, train_data: Tensor, val_batches) -
         t0 = time.perf_counter()
         loss = step_fn(x, y).item()
         sched.step()
-        if step <= 3:  # compiles happen here (FOAM's step compiles on step 2, after converting)
+        # Compiles happen here (FOAM's step compiles on step 2, after converting; with
+        # level="auto" again once the plan folds the moments, after CALIBRATION steps).
+        if step <= 3 or (auto and CALIBRATION < step <= CALIBRATION + 3):
             compile_s += time.perf_counter() - t0
         else:
             timed_s += time.perf_counter() - t0
@@ -372,7 +381,8 @@ def train(name: str, spec: dict | None, args, train_data: Tensor, val_batches) -
             "corpus": args.corpus_name,
             "run": name,
             "lr": lr,
-            "level": args.level if is_foam else 0,
+            "level": spec["level"] if is_foam else 0,
+            "budget": args.budget if auto else None,
             "scale": args.scale if is_foam else 1.0,
             "state_format": spec["state_format"] if is_foam else "fp32",
             "dtype": spec["dtype"] if is_foam else "fp32",
@@ -433,7 +443,11 @@ def write_outputs(out: Path, results: dict, meta: dict) -> str:
             None,
         ),
         ("tokens/s (after compile)", tps, "tokens_per_s"),
-        ("first 3 steps, incl. compiling (s)", lambda r: f"{r['first_3_steps_s']:.1f}", None),
+        (
+            "first 3 steps (+3 after an auto plan), incl. compiling (s)",
+            lambda r: f"{r['first_3_steps_s']:.1f}",
+            None,
+        ),
     ]
     head = ["", "AdamW"] + [f"FOAM {label_of(results[f])}" for f in foams]
     head += [f"{f} / AdamW" for f in foams]
@@ -490,8 +504,15 @@ def parse_args(argv=None):
         "--level",
         type=lambda s: s if s == "auto" else int(s),
         default=2,
-        help="FOAM fold level for attention/MLP weights (blocks of 2**level); 'auto' is "
-        "reserved for the planner",
+        help="FOAM fold level for attention/MLP weights (blocks of 2**level); 'auto': the cost "
+        "model picks each one's level from the first 8 steps' gradients, within --budget (the "
+        "default demo's int8 run is 'auto')",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.075,
+        help="with --level auto: FOAM's state as a fraction of AdamW's",
     )
     p.add_argument("--scale", type=float, default=0.25, help="FOAM's alpha on folded weights")
     p.add_argument(
