@@ -661,8 +661,14 @@ FOAM_INLINE float encode_group(const float* x, int64_t count, vi32* q, bool stoc
 template <int BITS, bool SIGNED>
 struct QuantState {
   using C = Code<BITS, SIGNED>;
-  static constexpr int64_t TILE = GROUP;  // one group per open/commit
-  static constexpr int64_t SCRATCH = GROUP;
+  // Groups per open/commit. Each group's encode is a chain of dependent steps (absmax, 1 / s,
+  // compander, rounding) that the out-of-order core can overlap only with work near it in
+  // program order, and a tile's update loop fills the reorder buffer: with GROUPS groups a
+  // tile the chains of one commit run side by side (int8, LLaMA-60M blocks, 1 thread: 51.8 ->
+  // 46.3 ms; 8 or 16 groups were no faster).
+  static constexpr int64_t GROUPS = 4;
+  static constexpr int64_t TILE = GROUPS * GROUP;
+  static constexpr int64_t SCRATCH = TILE;
   uint8_t* codes;
   float* scales;
   int64_t nb, ng, row_bytes;  // blocks, groups and code bytes per row
@@ -670,23 +676,31 @@ struct QuantState {
   bool stochastic;
   const float* table = C::table();
 
-  // b0 is a multiple of GROUP: the group b0 / GROUP of `row`, count <= GROUP blocks.
+  static constexpr int64_t code_offset(int64_t b) { return BITS == 8 ? b : b / 2; }
+
+  // b0 is a multiple of GROUP: the groups from b0 / GROUP of `row`, count <= TILE blocks.
   FOAM_INLINE float* open(int64_t row, int64_t b0, int64_t count, float* scratch) const {
-    const float s = scales[row * ng + b0 / GROUP];
-    VF units[NV];
-    C::units(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, table, units);
-    for (int k = 0; k < NV; ++k) {
-      const VF u = units[k] * s;
-      store_raw(scratch + k * WF, SIGNED ? u : u * u);
+    for (int64_t j = 0; j < count; j += GROUP) {
+      const float s = scales[row * ng + (b0 + j) / GROUP];
+      VF units[NV];
+      C::units(codes + row * row_bytes + code_offset(b0 + j), std::min<int64_t>(GROUP, count - j),
+               table, units);
+      for (int k = 0; k < NV; ++k) {
+        const VF u = units[k] * s;
+        store_raw(scratch + j + k * WF, SIGNED ? u : u * u);
+      }
     }
     return scratch;
   }
 
   FOAM_INLINE void commit(int64_t row, int64_t b0, int64_t count, const float* x) const {
-    vi32 q[NV];
-    scales[row * ng + b0 / GROUP] =
-        encode_group<BITS, SIGNED>(x, count, q, stochastic, seed, row * nb + b0);
-    C::store(codes + row * row_bytes + (BITS == 8 ? b0 : b0 / 2), count, q);
+    for (int64_t j = 0; j < count; j += GROUP) {
+      const int64_t n = std::min<int64_t>(GROUP, count - j);
+      vi32 q[NV];
+      scales[row * ng + (b0 + j) / GROUP] =
+          encode_group<BITS, SIGNED>(x + j, n, q, stochastic, seed, row * nb + b0 + j);
+      C::store(codes + row * row_bytes + code_offset(b0 + j), n, q);
+    }
   }
 };
 
