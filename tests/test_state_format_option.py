@@ -377,6 +377,15 @@ def test_compiled_stock_adamw_runs_with_int8_state(fresh_dynamo):
 # ------------------------------------------------------------------------------ level="auto"
 
 
+def auto_steps(model, opt, steps: int) -> None:
+    """``steps`` optimizer steps on fresh random tokens (level='auto' calibrates, then plans)."""
+    for seed in range(steps):
+        g = torch.Generator().manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        model(torch.randint(0, 64, (4, 9), generator=g)).square().mean().backward()
+        opt.step()
+
+
 def test_auto_plan_picks_formats_within_budget_and_keeps_sr_default():
     """formats= lets level='auto' choose (level, format); the budget (below what float32 state
     can reach: embedding and head stay at level 0) is met, and a quantized embedding/head is
@@ -393,11 +402,7 @@ def test_auto_plan_picks_formats_within_budget_and_keeps_sr_default():
         formats=("fp32", "int8"),
         calibration_steps=2,
     )
-    for seed in range(3):
-        g = torch.Generator().manual_seed(seed)
-        model.zero_grad(set_to_none=True)
-        model(torch.randint(0, 64, (4, 9), generator=g)).square().mean().backward()
-        opt.step()
+    auto_steps(model, opt, 3)
     got = formats_by_name(model, opt)
     assert got["embed.weight"] == "int8-sr" and got["lm_head.weight"] == "int8-sr"
     table = foam_compile.explain(opt, model)
@@ -420,11 +425,7 @@ def test_auto_levels_budget_holds_for_the_stored_format(fmt):
         state_format=fmt,
         calibration_steps=2,
     )
-    for seed in range(3):
-        g = torch.Generator().manual_seed(seed)
-        model.zero_grad(set_to_none=True)
-        model(torch.randint(0, 64, (4, 9), generator=g)).square().mean().backward()
-        opt.step()
+    auto_steps(model, opt, 3)
     table = foam_compile.explain(opt, model)
     assert table.state_bytes == opt.foam_plan.state_bytes
     assert 0.25 * table.adamw_bytes <= table.state_bytes <= 0.3 * table.adamw_bytes
