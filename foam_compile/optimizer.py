@@ -784,8 +784,8 @@ def _calibrate_outside_compile():
 
 
 def _auto_params(opt) -> tuple[list[tuple[str, Tensor]], list[Tensor], dict[str, int], dict]:
-    """``level='auto'``'s trainable parameters with names, the ones the policy keeps at level 0
-    and the ones pinned to another level (by first name)."""
+    """``level='auto'``'s trainable parameters with names, the ones the policy keeps at level 0,
+    the ones pinned to another level and each one's stored format (both by first name)."""
     from .discovery import parameter_names
 
     opt._decide_all()
@@ -802,12 +802,13 @@ def _auto_params(opt) -> tuple[list[tuple[str, Tensor]], list[Tensor], dict[str,
     named = [(names.get(id(p)) or f"param{k}", p) for k, (_, _, p) in enumerate(items)]
     keep, fixed, formats = [], {}, {}
     for (name, p), (g, i, _) in zip(named, items):
+        first = name.split("|")[0]
         level = layout.choice(g, i).get("level")
         if level == 0:
             keep.append(p)
         elif level is not None:
-            fixed[name.split("|")[0]] = level
-        formats[name.split("|")[0]] = nearest_variant(layout.format_for(g, i, DEFAULT_FORMAT))
+            fixed[first] = level
+        formats[first] = nearest_variant(layout.format_for(g, i, DEFAULT_FORMAT))
     return named, keep, fixed, formats
 
 

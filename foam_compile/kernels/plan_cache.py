@@ -104,10 +104,6 @@ def _guard(tensors: tuple):
         return None
 
 
-def _guarded(steps, levels) -> bool:
-    return all(isinstance(s, Tensor) for s in steps) and set(map(type, levels)) == _INT
-
-
 def lookup(params, grads, states: tuple, steps, levels, amsgrad: bool, build: Callable, device):
     """The plan for this call: the guard's, else the key's, else ``build()`` (then cached)."""
     hint = (len(states), amsgrad, id(states[0]))
@@ -127,7 +123,8 @@ def lookup(params, grads, states: tuple, steps, levels, amsgrad: bool, build: Ca
         plan = _new_plan(key, build, device)
         plan.levels = tuple(levels)
         tensors = (*params, *grads, *states, *steps)
-        plan.guard = _guard(tensors) if key is not None and _guarded(steps, levels) else None
+        # A key means int levels; the guard checks tensors only, so steps must all be tensors.
+        plan.guard = _guard(tensors) if key is not None and plan.all_step_tensors else None
     else:
         plan.last_use = next(_clock)
     if plan.guard is not None:
