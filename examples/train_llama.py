@@ -265,6 +265,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CALIBRATION = 8  # level="auto": steps run as AdamW while the cost model measures each level
+BUDGET = 0.075  # level="auto": FOAM's state as a fraction of AdamW's, unless --budget says
 
 
 def run_specs(args) -> dict[str, dict]:
@@ -511,8 +512,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--budget",
         type=float,
-        default=0.075,
-        help="with --level auto: FOAM's state as a fraction of AdamW's",
+        default=None,
+        help=f"with --level auto: FOAM's state as a fraction of AdamW's (default {BUDGET})",
     )
     p.add_argument("--scale", type=float, default=0.25, help="FOAM's alpha on folded weights")
     p.add_argument(
@@ -550,6 +551,10 @@ def parse_args(argv=None):
         help="run eagerly (FOAM via foam_compile.convert); for quick tests",
     )
     args = p.parse_args(argv)
+    if args.budget is not None and args.state_format is not None and args.level != "auto":
+        p.error("--budget is the budget of a level='auto' run: add --level auto")
+    if args.budget is None:
+        args.budget = BUDGET
     if args.evals is None:  # recorded in the report as the number used
         args.evals = min(10, max(1, args.steps // 25))
     return args

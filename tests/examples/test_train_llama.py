@@ -135,3 +135,11 @@ def test_bf16_weights_with_correction_and_int8_state(tmp_path):
     assert report["adamw"]["config"]["dtype"] == "fp32"  # the reference stays float32
     curve = run["val_curve"]
     assert curve[-1][1] < curve[0][1] - 0.5, f"validation loss did not fall: {curve}"
+
+
+def test_budget_without_an_auto_run_is_refused(capsys):
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--state-format", "int8", "--budget", "0.1"])
+    assert "--budget is the budget of a level='auto' run" in capsys.readouterr().err
+    assert script.parse_args(["--state-format", "int8", "--level", "auto"]).budget == 0.075
