@@ -551,7 +551,8 @@ def parse_args(argv=None):
         help="run eagerly (FOAM via foam_compile.convert); for quick tests",
     )
     args = p.parse_args(argv)
-    if args.budget is not None and args.state_format is not None and args.level != "auto":
+    auto_runs = [s for s in run_specs(args).values() if s and s["level"] == "auto"]
+    if args.budget is not None and not auto_runs:
         p.error("--budget is the budget of a level='auto' run: add --level auto")
     if args.budget is None:
         args.budget = BUDGET
