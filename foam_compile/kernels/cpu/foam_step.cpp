@@ -331,7 +331,7 @@ struct PlainState {
   T* open(int64_t row, int64_t b0, int64_t /*count*/, T* /*scratch*/) const {
     return base + row * nb + b0;
   }
-  void commit(int64_t, int64_t, int64_t, const T*) const {}
+  void commit(int64_t, int64_t, int64_t, const T*, const float* = nullptr) const {}
 };
 
 // ----------------------------------------------------------------------------------- shuffles
@@ -515,7 +515,9 @@ struct Code {
       const __m512 hi = _mm512_mask_blend_ps(b5, r[2], r[3]);
       VF u = (VF)_mm512_mask_blend_ps(b6, lo, hi);
       u = q < 0 ? -u : u;
-      return q == -128 ? splat<VF>(table[128]) : u;
+      // (a register broadcast: splat() of a table entry is one masked load per lane)
+      return (VF)_mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask((__m512i)q, _mm512_set1_epi32(-128)),
+                                      (__m512)u, _mm512_set1_ps(table[128]));
     }
   }
 #endif
@@ -580,11 +582,12 @@ struct Code {
 };
 
 // Every lane gets the largest lane (no lane NaN) / the OR of all lanes: butterflies, as group_sum.
-template <int S = WF / 2>
+// Lanes that hold equal values in aligned runs of B need only the steps across runs.
+template <int B = 1, int S = WF / 2>
 inline VF lanes_max(VF x) {
-  if constexpr (S >= 1) {
+  if constexpr (S >= B) {
     const VF y = swap_lanes<S>(x, std::make_index_sequence<WF>{});
-    return lanes_max<S / 2>(y > x ? y : x);
+    return lanes_max<B, S / 2>(y > x ? y : x);
   }
   return x;
 }
@@ -595,39 +598,54 @@ inline vi32 lanes_or(vi32 x) {
   }
   return x;
 }
+inline bool any_lane(vi32 x) {  // one mask test where the ISA has it, not lanes_or's butterfly
+#if defined(__AVX512F__)
+  if constexpr (WF == 16) return _mm512_test_epi32_mask((__m512i)x, (__m512i)x) != 0;
+#endif
+  return lanes_or(x)[0] != 0;
+}
 
-// codec.encode_signed / encode_square of one group: x[0..count) (lanes past it read as 0, which
-// raises no absmax and codes to 0) -> integer codes q (NV vectors), returns the scale.
-// Stochastic rounding (`seed`, with `idx` the group's first flat index in the moment) draws
-// codec.uniform's numbers: (hash32(idx + j + seed) >> 8) * 2**-24.
-template <int BITS, bool SIGNED>
-FOAM_INLINE float encode_group(const float* x, int64_t count, vi32* q, bool stochastic, uint32_t seed,
-                   int64_t idx) {
-  using C = Code<BITS, SIGNED>;
-  constexpr float L = float(C::L);
-  VF a[NV], base[NV];
+// codec.encode_signed / encode_square of one group, in two passes: the scale (absmax of x, or
+// of sqrt(clamp_min(x, 0)) for the square) and the codes. x[0..count) (lanes past it read as 0,
+// which raises no absmax and codes to 0).
+template <bool SIGNED>
+FOAM_INLINE float group_scale(const float* x, int64_t count) {
   VF smax = splat<VF>(0.0f);
   vi32 nan = splat<vi32>(0);
   for (int k = 0; k < NV; ++k) {
     VF xv = load_raw<VF>(x + k * WF);
     xv = iota() + k * WF < int32_t(count) ? xv : splat<VF>(0.0f);
-    a[k] = xv;
     // square: sqrt(clamp_min(x, 0)), NaN kept (a NaN moment must decode to NaN)
-    base[k] = SIGNED ? vabs(xv) : vsqrt(xv < 0.0f ? splat<VF>(0.0f) : xv);
-    smax = base[k] > smax ? base[k] : smax;
-    nan |= base[k] != base[k];
+    const VF base = SIGNED ? vabs(xv) : vsqrt(xv < 0.0f ? splat<VF>(0.0f) : xv);
+    smax = base > smax ? base : smax;
+    nan |= base != base;
   }
-  float s = lanes_max(smax)[0];  // >= +0: smax's lanes start at +0 and hold no NaN
-  if (lanes_or(nan)[0]) s = __builtin_nanf("");  // torch.amax propagates NaN
+  const float s = lanes_max(smax)[0];  // >= +0: smax's lanes start at +0 and hold no NaN
+  return any_lane(nan) ? __builtin_nanf("") : s;  // torch.amax propagates NaN
+}
+
+// The codes of x under scale s -> q (NV vectors). Returns whether a code came from NaN (a NaN
+// element, or inf * 0 where s is inf), which a scale gathered without NaN checks must recheck.
+// Stochastic rounding (`seed`, with `idx` the group's first flat index in the moment) draws
+// codec.uniform's numbers: (hash32(idx + j + seed) >> 8) * 2**-24.
+template <int BITS, bool SIGNED>
+FOAM_INLINE bool group_codes(const float* x, int64_t count, float s, vi32* q, bool stochastic,
+                             uint32_t seed, int64_t idx) {
+  using C = Code<BITS, SIGNED>;
+  constexpr float L = float(C::L);
   const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+  vi32 nan = splat<vi32>(0);
   for (int k = 0; k < NV; ++k) {
+    VF xv = load_raw<VF>(x + k * WF);
+    xv = iota() + k * WF < int32_t(count) ? xv : splat<VF>(0.0f);
+    const VF base = SIGNED ? xv : vsqrt(xv < 0.0f ? splat<VF>(0.0f) : xv);
     VF t, z;
     if constexpr (SIGNED) {
-      t = a[k] * inv;
+      t = xv * inv;
       const VF y = (t + t) / (1.0f + vabs(t));
       z = y * L;
     } else {
-      t = base[k] * inv;
+      t = base * inv;
       z = t * L;
     }
     VF r;
@@ -648,14 +666,15 @@ FOAM_INLINE float encode_group(const float* x, int64_t count, vi32* q, bool stoc
       const VF rand = __builtin_convertvector(hash32(i) >> 8, VF) * 0x1p-24f;
       r = rand < p ? q0 + 1.0f : q0;
     }
+    nan |= r != r;
     r = r == r ? r : splat<VF>(0.0f);  // NaN (a non-finite group): its scale decodes NaN
     vi32 qi = __builtin_convertvector(r, vi32);
     if constexpr (!SIGNED) {  // a positive v never decodes to 0
-      qi = (qi == 0) & (base[k] > 0.0f) ? splat<vi32>(1) : qi;
+      qi = (qi == 0) & (base > 0.0f) ? splat<vi32>(1) : qi;
     }
     q[k] = qi;
   }
-  return s;
+  return any_lane(nan);
 }
 
 template <int BITS, bool SIGNED>
@@ -665,7 +684,7 @@ struct QuantState {
   // compander, rounding) that the out-of-order core can overlap only with work near it in
   // program order, and a tile's update loop fills the reorder buffer: with GROUPS groups a
   // tile the chains of one commit run side by side (int8, LLaMA-60M blocks, 1 thread: 51.8 ->
-  // 46.3 ms; 8 or 16 groups were no faster).
+  // 46.3 ms; 8 or 16 groups were no faster, nor 2 or 8 once the update gathers the absmax).
   static constexpr int64_t GROUPS = 4;
   static constexpr int64_t TILE = GROUPS * GROUP;
   static constexpr int64_t SCRATCH = TILE;
@@ -693,12 +712,26 @@ struct QuantState {
     return scratch;
   }
 
-  FOAM_INLINE void commit(int64_t row, int64_t b0, int64_t count, const float* x) const {
+  // `amax`, where the caller gathered it while writing x: each group's largest |x| (signed) or
+  // largest clamp_min(x, 0) (square), NaN not seen. sqrt is monotone and correctly rounded, so
+  // sqrt(amax) is the scan's scale; a group whose codes met NaN is scanned after all.
+  FOAM_INLINE void commit(int64_t row, int64_t b0, int64_t count, const float* x,
+                          const float* amax = nullptr) const {
     for (int64_t j = 0; j < count; j += GROUP) {
-      const int64_t n = std::min<int64_t>(GROUP, count - j);
+      const int64_t n = std::min<int64_t>(GROUP, count - j), idx = row * nb + b0 + j;
       vi32 q[NV];
-      scales[row * ng + (b0 + j) / GROUP] =
-          encode_group<BITS, SIGNED>(x + j, n, q, stochastic, seed, row * nb + b0 + j);
+      float s;
+      if (amax) {
+        const float a = amax[j / GROUP];
+        s = SIGNED ? a : std::sqrt(a);
+      } else {
+        s = group_scale<SIGNED>(x + j, n);
+      }
+      if (group_codes<BITS, SIGNED>(x + j, n, s, q, stochastic, seed, idx) && amax) {
+        s = group_scale<SIGNED>(x + j, n);
+        group_codes<BITS, SIGNED>(x + j, n, s, q, stochastic, seed, idx);
+      }
+      scales[row * ng + (b0 + j) / GROUP] = s;
       C::store(codes + row * row_bytes + code_offset(b0 + j), n, q);
     }
   }
@@ -844,10 +877,48 @@ struct Kernel {
     }
   };
 
-  // ---- B <= W: one vector of W elements = W/B whole blocks (those past n are padding).
+  // Grouped moments: each group's largest |m| and v, gathered as the update writes them (a few
+  // vector max a vector, where the update waits on its divide) so that commit's encoder need not
+  // scan the moments again. A block's B lanes hold one value; padding blocks hold 0.
+  struct NoMax {
+    void add(V, V) {}
+    void next() {}
+    void finish() {}
+    const float* m() const { return nullptr; }
+    const float* v() const { return nullptr; }
+  };
   template <int B>
+  struct GroupMax {
+    static constexpr int PER_GROUP = GROUP * B / W;  // vectors a group
+    V mx = splat<V>(T(0)), vx = splat<V>(T(0));
+    int k = 0, j = 0;
+    float ms[St::M::GROUPS], vs[St::M::GROUPS];
+    void add(V mn, V vn) {
+      const V a = vabs(mn);
+      mx = a > mx ? a : mx;  // NaN raises nothing: commit rechecks groups whose codes meet it
+      vx = vn > vx ? vn : vx;
+    }
+    void next() {
+      if (++k == PER_GROUP) finish();
+    }
+    void finish() {  // the group so far, if any
+      if (k == 0) return;
+      ms[j] = lanes_max<B>(mx)[0];
+      vs[j] = lanes_max<B>(vx)[0];
+      ++j;
+      k = 0;
+      mx = vx = splat<V>(T(0));
+    }
+    const float* m() const { return ms; }
+    const float* v() const { return vs; }
+  };
+  template <int B>
+  using Max = typename std::conditional<FMT == 0, NoMax, GroupMax<B>>::type;
+
+  // ---- B <= W: one vector of W elements = W/B whole blocks (those past n are padding).
+  template <int B, class Max>
   static void small_vec(S* p, const S* g, R* corr, T* m, T* v, T* vm, V inv_count,
-                        const Scalars<T>& c) {
+                        const Scalars<T>& c, Max& amax) {
     using L = Lanes<B, T, W>;
     V x = grad(g, p, corr, c);
     V pv = WIO::load(p, corr);
@@ -863,6 +934,7 @@ struct Kernel {
     V vn = c.b2 * L::load(v) + c.omb2 * qb;
     L::store(m, mn);
     L::store(v, vn);
+    amax.add(mn, vn);
     V vu = vn;
     if (c.ams) {
       V old = L::load(vm);
@@ -891,6 +963,7 @@ struct Kernel {
     T* v = st.v.open(row, b0, nblk, scratch[1]);
     T* vm = c.ams ? st.vm.open(row, b0, nblk, scratch[2]) : nullptr;
     const V inv_b = splat<V>(T(1) / T(B));
+    Max<B> amax;
     int64_t e = c0;
     for (; e < full_end; e += W) {
       int64_t b = (e - c0) / B;
@@ -901,7 +974,8 @@ struct Kernel {
         __builtin_prefetch(v + b + PREFETCH / sizeof(S) / B, 1);
       }
       small_vec<B>(p + e, g + e, CORR ? corr + e : nullptr, m + b, v + b,
-                   c.ams ? vm + b : nullptr, inv_b, c);
+                   c.ams ? vm + b : nullptr, inv_b, c, amax);
+      amax.next();
     }
     if (e < c1) {  // the row's last vector: through zero-padded copies
       const int t = int(c1 - e), nt = (t + B - 1) / B;
@@ -916,14 +990,16 @@ struct Kernel {
         int count = std::min(B, t - (i / B) * B);
         inv_c[i] = count > 0 ? T(1) / T(count) : T(0);
       }
-      small_vec<B>(tl.p, tl.g, tl.corr, mb, vb, vmb, inv_c, c);
+      small_vec<B>(tl.p, tl.g, tl.corr, mb, vb, vmb, inv_c, c, amax);
+      amax.next();
       tl.write_back(p + e, CORR ? corr + e : nullptr);
       std::memcpy(m + b, mb, nt * sizeof(T));
       std::memcpy(v + b, vb, nt * sizeof(T));
       if (c.ams) std::memcpy(vm + b, vmb, nt * sizeof(T));
     }
-    st.m.commit(row, b0, nblk, m);
-    st.v.commit(row, b0, nblk, v);
+    amax.finish();
+    st.m.commit(row, b0, nblk, m, amax.m());
+    st.v.commit(row, b0, nblk, v, amax.v());
     if (c.ams) st.vm.commit(row, b0, nblk, vm);
   }
 
