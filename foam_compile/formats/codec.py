@@ -73,7 +73,14 @@ def encode_signed(x: Tensor, levels: int, rand: Tensor | None = None) -> tuple[T
         a0, a1 = _signed_t(q0, levels), _signed_t(q0 + 1, levels)
         p = (t - a0) / (a1 - a0)
         q = torch.where(rand < p, q0 + 1, q0)
-    return q.to(torch.int32), s.squeeze(-1)
+    return _defined(q).to(torch.int32), s.squeeze(-1)
+
+
+def _defined(q: Tensor) -> Tensor:
+    """A NaN code (the element NaN, or inf under the scale inf: ``t = inf * 0``) stores 0, as
+    every kernel does: NaN's integer conversion differs between platforms. The group's scale is
+    NaN or inf, so it decodes non-finite whatever its codes."""
+    return torch.where(q.isnan(), 0.0, q)
 
 
 def _signed_t(q: Tensor, levels: int) -> Tensor:
@@ -106,6 +113,7 @@ def encode_square(x: Tensor, levels: int, rand: Tensor | None = None) -> tuple[T
         a0, a1 = q0 / levels, (q0 + 1) / levels
         p = (t * t - a0 * a0) / (a1 * a1 - a0 * a0)
         q = torch.where(rand < p, q0 + 1, q0)
+    q = _defined(q)
     q = torch.where((q == 0) & (u > 0), 1.0, q)  # a positive v never decodes to 0
     return q.to(torch.int32), s.squeeze(-1)
 

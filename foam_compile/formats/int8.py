@@ -49,6 +49,10 @@ salt 1 ``exp_avg``, 2 ``exp_avg_sq``, 3 ``max_exp_avg_sq``)::
             q  = q0 + 1 if r < (t * t - a0 * a0) / (a1 * a1 - a0 * a0) else q0
             (then the same "q == 0 and u > 0 -> 1" rule)
 
+A NaN or inf in a group makes its scale NaN or inf, and the group decodes non-finite. Its codes
+are still defined: a NaN ``q`` (a NaN element, or ``inf * 0`` where ``s`` is inf) stores 0,
+before the square's rule (so an inf ``v`` decodes inf, as the square's finite positive values do).
+
 so ``E[decoded] = x``: unbiased in the moment's own domain, which keeps an EMA whose per-step
 change is below a code step moving (the staleness of arXiv 2603.16731; ``tests/formats/``).
 The pure-torch reference of one group is :func:`.codec.encode_signed` /

@@ -389,6 +389,7 @@ def store_moment(
             q = tl.where(r < p, q0 + 1.0, q0)
         else:
             q = rint(z)
+        q = tl.where(q != q, 0.0, q)  # NaN (a non-finite group) stores 0, as codec._defined
         if not SIGNED:
             q = tl.where((q == 0.0) & (base > 0.0), 1.0, q)  # a positive v never decodes to 0
         gi = tl.arange(0, NG)

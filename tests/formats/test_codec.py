@@ -183,6 +183,26 @@ def test_non_finite_input_poisons_only_its_group():
         assert torch.equal(y[0, 32:], torch.ones(32)) and torch.equal(y[1, :32], torch.ones(32))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_non_finite_groups_have_defined_codes(rounding):
+    """A NaN code (a NaN element, or inf * 0 under the scale inf) stores 0 before the square's
+    "positive v -> 1" rule: never NaN's integer conversion, which differs between platforms."""
+    x = torch.rand(3, 32, generator=gen("non-finite")) + 0.5
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2, 7] = -float("inf")
+    rand = None if rounding == "nearest" else torch.rand(3, 32, generator=gen("non-finite r"))
+    q, s = codec.encode_signed(x, 127, rand)
+    assert s[0].isnan() and s[1:].isinf().all()
+    assert (q == 0).all()  # NaN element or t = x * 0
+    q, s = codec.encode_square(x, 255, rand)
+    assert s[0].isnan() and s[1].isinf() and s[2].isfinite()  # -inf clamps to a zero v
+    assert q[0, 3] == 0 and (q[0, :3] > 0).all()
+    assert (q[1] == 1).all()  # inf and the positive values: the rule's 1 (decodes inf)
+    assert q[2, 7] == 0 and (q[2, :7] > 0).all()
+    assert codec.decode_square(q[1:2], s[1:2], 255).isinf().all()
+
+
 # ------------------------------------------------------------------- stochastic rounding
 @pytest.mark.parametrize("kind", ["signed", "square"])
 @pytest.mark.parametrize("bits", [8, 4])

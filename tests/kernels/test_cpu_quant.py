@@ -25,7 +25,7 @@ from foam_compile.backends import cpu as cpu_backend
 from foam_compile.backends import plain_torch
 from foam_compile.hyper import Hyper
 from foam_compile.kernels import cpu as kernel
-from foam_compile.reference import effective_level, folded_shape
+from foam_compile.reference import effective_level, fold, folded_shape
 from foam_compile.state import get_format
 
 FORMATS = ["int8", "int4", "int8-sr", "int4-sr"]
@@ -65,9 +65,15 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
     for k in a:
         if torch.is_tensor(a[k]):
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (what, k)
-            same = torch.equal(a[k], b[k]) if k != "step" else float(a[k]) == float(b[k])
+            if k == "step":
+                same = float(a[k]) == float(b[k])
+            else:  # bit for bit, a NaN equal to a NaN (a non-finite group's scale)
+                differ = a[k] != b[k]
+                if a[k].is_floating_point():
+                    differ &= ~(a[k].isnan() & b[k].isnan())
+                same = not differ.any()
             if not same:
-                diff = (a[k].view(-1) != b[k].view(-1)).nonzero()[:5].flatten().tolist()
+                diff = differ.view(-1).nonzero()[:5].flatten().tolist()
                 raise AssertionError(f"{what}: {k} differs at flat {diff}")
 
 
@@ -142,6 +148,37 @@ def test_all_zero_and_non_finite_groups():
         assert m[1, 32:].isnan().all()
         # this step used the moments before encoding: only the NaN's own element is NaN
         assert p.isnan().nonzero().tolist() == [[1, 40]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_non_finite_among_random_values_equal_the_codec(fmt):
+    """The kernel takes each group's scale from the maxima the update gathers, blind to NaN, and
+    rescans a group whose codes meet NaN: with random values around a NaN, a +inf and a -inf
+    (their own groups, full and partial, every level path B <= W), scales and codes are still
+    the codec's, bit for bit. Betas 0 and dyadic whole blocks: the moments are exact block means."""
+    f = get_format(fmt)
+    hp = Hyper(lr=1e-3, beta1=0.0, beta2=0.0, weight_decay=0.0, amsgrad=True)
+    for shape, level in [((3, 70), 0), ((3, 37 * 4), 2), ((3, 37 * 8), 3), ((3, 37 * 16), 4)]:
+        gen = generator("non-finite", fmt, shape)
+        p = torch.randn(shape, generator=gen)
+        st = new_state(p, level, fmt, True)
+        lv = st["foam_level"]
+        g = dyadic(shape, gen)
+        n, block = shape[-1], 2**lv
+        picks = torch.randint(0, n, (3,), generator=gen).tolist()
+        g[0, picks[0]] = float("nan")
+        g[1, picks[1]] = float("inf")
+        g[2, picks[2]] = -float("inf")
+        g[2, (picks[2] // (32 * block)) * 32 * block - 1] = float("nan")  # the group before
+        cpu_step([p], [g], [st], hp)
+        want = {"step": st["step"].clone(), "foam_level": lv, "foam_format": fmt}
+        moments = {"signed": fold(g, lv), "square": fold(g * g, lv)}
+        for key, kind in [("exp_avg", "signed"), ("exp_avg_sq", "square"),
+                          ("max_exp_avg_sq", "square")]:  # fmt: skip
+            want.update(f.zeros(p, lv, key, kind))
+            f.write_(want, key, kind, moments[kind])
+        assert_same_state(st, want, f"{fmt} {shape} level {lv}")
+        assert st["exp_avg_scale"].isnan().any() and st["exp_avg_scale"].isinf().any()
 
 
 # ----------------------------------------------------------------------- whole steps

@@ -28,7 +28,7 @@ from foam_compile.formats import int4, int8  # noqa: E402
 from foam_compile.hyper import Hyper as FoamHyper  # noqa: E402
 from foam_compile.kernels import tile  # noqa: E402
 from foam_compile.kernels.foam_adam import foam_adam_quant_step_, quant_even  # noqa: E402
-from foam_compile.reference import effective_level, folded_shape  # noqa: E402
+from foam_compile.reference import effective_level, fold, folded_shape  # noqa: E402
 from foam_compile.state import get_format  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,6 +193,33 @@ def test_stochastic_rounding_draws_the_formats_numbers(fmt):
             total += a.numel()
             torch.testing.assert_close(st[f"{key}_scale"], tw[f"{key}_scale"], rtol=1e-6, atol=0)
     assert differ <= max(2, total // 100), f"{differ} of {total} codes differ"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_non_finite_groups_code_as_the_codec(fmt):
+    """A group holding NaN, +inf or -inf: its scale and its (defined) codes are the codec's,
+    bit for bit. Betas 0 and dyadic whole blocks: the moments are exact block means."""
+    f = get_format(fmt)
+    hp = Hyper(betas=(0.0, 0.0), weight_decay=0.0)
+    for shape, level in [((4, 70), 0), ((2, 256), 2)]:
+        gen = generator("non-finite", fmt, shape)
+        p = randn(shape, gen)
+        st = fresh_state(p, fmt, level, hp)
+        lv = st["foam_level"]
+        g = torch.randint(-64, 65, shape, generator=gen).to(torch.float32) / 64
+        g[0, 3] = float("nan")
+        g[1, 40] = float("inf")
+        g[-1, -1] = -float("inf")
+        triton_cuda.step_([p], [g.to(DEVICE)], [st], foam_hp(hp))
+        want = {"foam_level": lv}
+        for key, kind in MOMENTS:
+            want.update(f.zeros(p.cpu(), lv, key, kind))
+            f.write_(want, key, kind, fold(g if kind == "signed" else g * g, lv))
+            got = cpu_tensors(st)
+            assert torch.equal(got[key], want[key]), (shape, key)
+            a, b = got[f"{key}_scale"], want[f"{key}_scale"]
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+            assert not b.isfinite().all(), (shape, key)
 
 
 def test_host_step_and_a_bad_scale_shape():
