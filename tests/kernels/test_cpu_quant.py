@@ -169,7 +169,8 @@ def test_non_finite_among_random_values_equal_the_codec(fmt):
         g[0, picks[0]] = float("nan")
         g[1, picks[1]] = float("inf")
         g[2, picks[2]] = -float("inf")
-        g[2, (picks[2] // (32 * block)) * 32 * block - 1] = float("nan")  # the group before
+        # another NaN: the group before the -inf's (the row's last group if that is the first)
+        g[2, (picks[2] // (32 * block)) * 32 * block - 1] = float("nan")
         cpu_step([p], [g], [st], hp)
         want = {"step": st["step"].clone(), "foam_level": lv, "foam_format": fmt}
         moments = {"signed": fold(g, lv), "square": fold(g * g, lv)}

@@ -608,13 +608,17 @@ inline bool any_lane(vi32 x) {  // one mask test where the ISA has it, not lanes
 // codec.encode_signed / encode_square of one group, in two passes: the scale (absmax of x, or
 // of sqrt(clamp_min(x, 0)) for the square) and the codes. x[0..count) (lanes past it read as 0,
 // which raises no absmax and codes to 0).
+FOAM_INLINE VF group_vector(const float* x, int64_t count, int k) {  // vector k, lanes past count 0
+  const VF xv = load_raw<VF>(x + k * WF);
+  return iota() + k * WF < int32_t(count) ? xv : splat<VF>(0.0f);
+}
+
 template <bool SIGNED>
 FOAM_INLINE float group_scale(const float* x, int64_t count) {
   VF smax = splat<VF>(0.0f);
   vi32 nan = splat<vi32>(0);
   for (int k = 0; k < NV; ++k) {
-    VF xv = load_raw<VF>(x + k * WF);
-    xv = iota() + k * WF < int32_t(count) ? xv : splat<VF>(0.0f);
+    const VF xv = group_vector(x, count, k);
     // square: sqrt(clamp_min(x, 0)), NaN kept (a NaN moment must decode to NaN)
     const VF base = SIGNED ? vabs(xv) : vsqrt(xv < 0.0f ? splat<VF>(0.0f) : xv);
     smax = base > smax ? base : smax;
@@ -636,8 +640,7 @@ FOAM_INLINE bool group_codes(const float* x, int64_t count, float s, vi32* q, bo
   const float inv = s > 0.0f ? 1.0f / s : 0.0f;
   vi32 nan = splat<vi32>(0);
   for (int k = 0; k < NV; ++k) {
-    VF xv = load_raw<VF>(x + k * WF);
-    xv = iota() + k * WF < int32_t(count) ? xv : splat<VF>(0.0f);
+    const VF xv = group_vector(x, count, k);
     const VF base = SIGNED ? xv : vsqrt(xv < 0.0f ? splat<VF>(0.0f) : xv);
     VF t, z;
     if constexpr (SIGNED) {
@@ -666,8 +669,9 @@ FOAM_INLINE bool group_codes(const float* x, int64_t count, float s, vi32* q, bo
       const VF rand = __builtin_convertvector(hash32(i) >> 8, VF) * 0x1p-24f;
       r = rand < p ? q0 + 1.0f : q0;
     }
-    nan |= r != r;
-    r = r == r ? r : splat<VF>(0.0f);  // NaN (a non-finite group): its scale decodes NaN
+    const vi32 not_a_number = r != r;
+    nan |= not_a_number;
+    r = not_a_number ? splat<VF>(0.0f) : r;  // NaN (a non-finite group): its scale decodes NaN
     vi32 qi = __builtin_convertvector(r, vi32);
     if constexpr (!SIGNED) {  // a positive v never decodes to 0
       qi = (qi == 0) & (base > 0.0f) ? splat<vi32>(1) : qi;
@@ -916,9 +920,9 @@ struct Kernel {
   using Max = typename std::conditional<FMT == 0, NoMax, GroupMax<B>>::type;
 
   // ---- B <= W: one vector of W elements = W/B whole blocks (those past n are padding).
-  template <int B, class Max>
+  template <int B, class Acc>
   static void small_vec(S* p, const S* g, R* corr, T* m, T* v, T* vm, V inv_count,
-                        const Scalars<T>& c, Max& amax) {
+                        const Scalars<T>& c, Acc& amax) {
     using L = Lanes<B, T, W>;
     V x = grad(g, p, corr, c);
     V pv = WIO::load(p, corr);
